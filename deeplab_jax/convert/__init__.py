@@ -1,0 +1,1 @@
+"""Importers for published DeepLab weights (official TF checkpoints, TFLite models)."""

@@ -1,0 +1,131 @@
+"""The name and layout map between official TF DeepLab checkpoints and this library's variables.
+
+Our parameter paths are the TF names by construction (see models/layers.py); the map only renames the
+leaves, moves the ASPP scopes under `aspp/`, and transposes depthwise kernels:
+
+  TF                                         ours (collection, '/'-joined path)
+  <scope>/weights                [kh,kw,i,o]  params       <scope>/kernel          [kh,kw,i,o]
+  <scope>/depthwise_weights      [kh,kw,C,1]  params       <scope>/kernel          [kh,kw,1,C]
+  <scope>/biases                              params       <scope>/bias
+  <scope>/BatchNorm/gamma | beta              params       <scope>/BatchNorm/scale | bias
+  <scope>/BatchNorm/moving_mean | _variance   batch_stats  <scope>/BatchNorm/mean | var
+  image_pooling, aspp<i>[_depthwise|_pointwise], concat_projection  ->  aspp/<same>
+"""
+import re
+from typing import Callable, Dict, List, Mapping, Tuple
+
+import flax
+import numpy as np
+
+_LEAVES = {
+    'weights': ('params', 'kernel'),
+    'depthwise_weights': ('params', 'kernel'),
+    'biases': ('params', 'bias'),
+    'gamma': ('params', 'scale'),
+    'beta': ('params', 'bias'),
+    'moving_mean': ('batch_stats', 'mean'),
+    'moving_variance': ('batch_stats', 'var'),
+}
+_ASPP_SCOPE = re.compile(r'^(image_pooling|aspp\d+(_depthwise|_pointwise)?|concat_projection)/')
+# Variables of TF training graphs that are not model weights.
+IGNORED_TF_VARIABLES = re.compile(r'(^global_step$|/Momentum$|/ExponentialMovingAverage$|/Adam(_1)?$)')
+
+
+class ConversionError(ValueError):
+  """The checkpoint and the model disagree; the message lists every offending name."""
+
+
+def tf_to_ours(tf_name: str) -> Tuple[str, str, Callable[[np.ndarray], np.ndarray]]:
+  """Maps a TF variable name to (collection, '/'-joined path, array transform)."""
+  scope, leaf = tf_name.rsplit('/', 1)
+  if leaf not in _LEAVES:
+    raise ConversionError(f'TF variable {tf_name!r} has an unknown kind {leaf!r}.')
+  collection, our_leaf = _LEAVES[leaf]
+  if _ASPP_SCOPE.match(tf_name):
+    scope = 'aspp/' + scope
+  transform = (lambda a: np.transpose(a, (0, 1, 3, 2))) if leaf == 'depthwise_weights' else (
+      lambda a: a)
+  return collection, f'{scope}/{our_leaf}', transform
+
+
+def flat_variables(variables: Mapping) -> Dict[Tuple[str, str], Tuple[Tuple[str, ...], tuple]]:
+  """{(collection, '/'-joined path): (key tuple, shape)} of a variables pytree (arrays or shapes)."""
+  out = {}
+  for collection in ('params', 'batch_stats'):
+    for key, leaf in flax.traverse_util.flatten_dict(dict(variables.get(collection, {}))).items():
+      out[(collection, '/'.join(key))] = (key, tuple(leaf.shape))
+  return out
+
+
+def assign_tf_arrays(tf_arrays: Mapping[str, np.ndarray], target_variables: Mapping,
+                     *, prefix_filter: Callable[[str], bool] = None) -> Tuple[dict, Dict[str, List]]:
+  """Builds our variables from TF arrays, checking names and shapes both ways.
+
+  Args:
+    tf_arrays: {TF variable name: array}; optimizer slots and global_step are ignored.
+    target_variables: the model's variables (arrays or ShapeDtypeStructs) giving the expected tree.
+    prefix_filter: if given, only our paths for which it is True must be covered (e.g. backbone-only
+      ImageNet checkpoints); TF variables outside it are reported as skipped.
+
+  Returns:
+    (variables, report) with report keys 'loaded', 'skipped' (TF names not used), 'new' (our paths
+    left at their target values).
+
+  Raises:
+    ConversionError: listing unmapped TF names, shape mismatches, and (without `prefix_filter`) our
+      variables the checkpoint does not provide.
+  """
+  targets = flat_variables(target_variables)
+  flat = {c_p: np.asarray(leaf) for c_p, leaf in (
+      ((c, '/'.join(k)), v) for c in ('params', 'batch_stats')
+      for k, v in flax.traverse_util.flatten_dict(dict(target_variables.get(c, {}))).items())}
+  report = {'loaded': [], 'skipped': [], 'new': []}
+  unmapped, mismatched, used = [], [], set()
+  for tf_name, array in sorted(tf_arrays.items()):
+    if IGNORED_TF_VARIABLES.search(tf_name):
+      continue
+    try:
+      collection, path, transform = tf_to_ours(tf_name)
+    except ConversionError:
+      unmapped.append(tf_name)
+      continue
+    if (collection, path) not in targets:
+      unmapped.append(tf_name)
+      continue
+    if prefix_filter is not None and not prefix_filter(path):
+      report['skipped'].append(tf_name)
+      continue
+    value = transform(np.asarray(array))
+    expected = targets[(collection, path)][1]
+    if tuple(value.shape) != expected:
+      mismatched.append(f'{tf_name}: checkpoint {tuple(np.shape(array))} -> ours {path} {expected}')
+      continue
+    flat[(collection, path)] = value.astype(np.float32)
+    used.add((collection, path))
+    report['loaded'].append(tf_name)
+  missing = [f'{c}:{p}' for (c, p) in targets
+             if (c, p) not in used and (prefix_filter is None or prefix_filter(p))]
+  report['new'] = [f'{c}:{p}' for (c, p) in targets
+                   if (c, p) not in used and prefix_filter is not None and not prefix_filter(p)]
+  problems = []
+  if unmapped:
+    problems.append(f'{len(unmapped)} checkpoint variables have no place in this model:\n  '
+                    + '\n  '.join(unmapped[:50]))
+  if mismatched:
+    problems.append(f'{len(mismatched)} shapes disagree with the config:\n  '
+                    + '\n  '.join(mismatched[:50]))
+  if missing:
+    problems.append(f'{len(missing)} model variables are missing from the checkpoint:\n  '
+                    + '\n  '.join(missing[:50]))
+  if problems:
+    raise ConversionError('Checkpoint does not match the model config (wrong --config for this '
+                          'checkpoint?).\n' + '\n'.join(problems))
+  variables = {}
+  for (collection, path), value in flat.items():
+    key = targets[(collection, path)][0]
+    variables.setdefault(collection, {})
+    node = variables[collection]
+    for k in key[:-1]:
+      node = node.setdefault(k, {})
+    node[key[-1]] = value
+  return variables, report

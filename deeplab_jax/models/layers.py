@@ -1,0 +1,222 @@
+"""Building blocks shared by every DeepLab backbone and head.
+
+Names mirror the official TF-slim scopes so that a parameter's '/'-joined path is its TF checkpoint name:
+a convolution named `S` holds `S/kernel` (TF `S/weights` or `S/depthwise_weights`) and its BatchNorm is the
+sibling module `S/BatchNorm` (TF `S/BatchNorm/{gamma,beta,moving_mean,moving_variance}`). The helpers below
+are plain functions that create Flax modules inside the caller's compact method, so they add no extra level.
+"""
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DEPTHWISE_IMPLS = ('auto', 'grouped', 'shifted')
+
+
+@dataclasses.dataclass(frozen=True)
+class BNConfig:
+  """BatchNorm decay and epsilon of one part of the network (backbones and heads differ)."""
+  decay: float
+  epsilon: float
+
+
+def scale_dimension(dim: int, scale: float) -> int:
+  """The official DeepLab size rule `int((dim - 1) * scale + 1)` (crop sizes are 16k+1)."""
+  return int((float(dim) - 1.0) * scale + 1.0)
+
+
+def _align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] bilinear interpolation weights with align_corners=True semantics."""
+  weights = np.zeros((out_size, in_size), np.float32)
+  if in_size == 1 or out_size == 1:
+    weights[:, 0] = 1.0
+    return weights
+  scale = (in_size - 1) / (out_size - 1)
+  positions = np.arange(out_size, dtype=np.float64) * scale
+  lower = np.clip(np.floor(positions).astype(np.int64), 0, in_size - 1)
+  upper = np.minimum(lower + 1, in_size - 1)
+  frac = (positions - lower).astype(np.float32)
+  rows = np.arange(out_size)
+  np.add.at(weights, (rows, lower), 1.0 - frac)
+  np.add.at(weights, (rows, upper), frac)
+  return weights
+
+
+def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
+  """Bilinear resize of `[B, H, W, C]` to `[B, size[0], size[1], C]`, TF `align_corners=True` semantics.
+
+  Written as two small matrix products with interpolation weights built at trace time, which is exact,
+  differentiable and fast on every backend (the official graph uses `resize_bilinear(align_corners=True)`
+  everywhere; `jax.image.resize` uses half-pixel centres instead).
+  """
+  out_h, out_w = int(size[0]), int(size[1])
+  if (x.shape[1], x.shape[2]) == (out_h, out_w):
+    return x
+  wh = jnp.asarray(_align_corners_matrix(x.shape[1], out_h), x.dtype)
+  ww = jnp.asarray(_align_corners_matrix(x.shape[2], out_w), x.dtype)
+  x = jnp.einsum('oh,bhwc->bowc', wh, x)
+  return jnp.einsum('pw,bowc->bopc', ww, x)
+
+
+def fixed_padding(x: Array, kernel_size: int, rate: int = 1) -> Array:
+  """Pads `[B, H, W, C]` symmetrically for a strided 'VALID' conv, as TF `conv2d_same`/`fixed_padding`.
+
+  pad_total = k_eff - 1 with k_eff = k + (k - 1)(rate - 1); pad_beg = pad_total // 2. TF 'SAME' would put the
+  odd pixel at the end instead, which shifts features by one pixel on even input sizes.
+  """
+  k_eff = kernel_size + (kernel_size - 1) * (rate - 1)
+  pad_total = k_eff - 1
+  pad_beg = pad_total // 2
+  pad_end = pad_total - pad_beg
+  return jnp.pad(x, ((0, 0), (pad_beg, pad_end), (pad_beg, pad_end), (0, 0)))
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+  """'auto' -> 'shifted' on CPU (XLA:CPU grouped convs are 12-45x slower), 'grouped' elsewhere."""
+  if impl not in DEPTHWISE_IMPLS:
+    raise ValueError(f'config.model.depthwise_impl={impl!r} is not one of {DEPTHWISE_IMPLS}.')
+  if impl == 'auto':
+    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
+  return impl
+
+
+def _conv_padding(kernel_size: int, stride: int, rate: int, padding: str):
+  """Padding argument for lax/flax convs: 'SAME' (TF semantics) or explicit symmetric for `conv2d_same`."""
+  if padding == 'SAME' or stride == 1:
+    # TF SAME; at stride 1 it is symmetric for odd effective kernels, as `conv2d_same` is.
+    return 'SAME'
+  if padding == 'EXPLICIT':
+    k_eff = kernel_size + (kernel_size - 1) * (rate - 1)
+    beg = (k_eff - 1) // 2
+    return ((beg, k_eff - 1 - beg), (beg, k_eff - 1 - beg))
+  raise ValueError(f'Unknown padding {padding!r}; expected SAME or EXPLICIT.')
+
+
+class ShiftedDepthwiseConv(nn.Module):
+  """Depthwise conv as k*k shifted multiply-adds over a padded input: the fast formulation on XLA:CPU.
+
+  Holds exactly the parameter `nn.Conv(..., feature_group_count=C)` holds (`kernel` `[kh, kw, 1, C]`), so
+  the two implementations are interchangeable on the same variables.
+  """
+  kernel_size: int
+  strides: int = 1
+  rate: int = 1
+  padding: Any = 'SAME'
+  kernel_init: Callable = nn.initializers.truncated_normal(0.33)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    k, s, r = self.kernel_size, self.strides, self.rate
+    kernel = self.param('kernel', self.kernel_init, (k, k, 1, channels), jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    x = x.astype(self.dtype)
+    k_eff = k + (k - 1) * (r - 1)
+    if self.padding == 'SAME':
+      pads = jax.lax.padtype_to_pads(x.shape[1:3], (k_eff, k_eff), (s, s), 'SAME')
+    elif self.padding == 'VALID':
+      pads = ((0, 0), (0, 0))
+    else:
+      pads = self.padding
+    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    out_h = (x.shape[1] - k_eff) // s + 1
+    out_w = (x.shape[2] - k_eff) // s + 1
+    out = None
+    for i in range(k):
+      for j in range(k):
+        patch = jax.lax.slice(
+            x, (0, i * r, j * r, 0),
+            (x.shape[0], i * r + (out_h - 1) * s + 1, j * r + (out_w - 1) * s + 1, channels),
+            (1, s, s, 1))
+        term = patch * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
+
+
+def conv(x: Array, features: int, kernel_size: int, *, name: str, stride: int = 1, rate: int = 1,
+         padding: str = 'SAME', use_bias: bool = False, kernel_init: Optional[Callable] = None,
+         dtype: Any = jnp.float32) -> Array:
+  """A plain 2-D convolution named `name` (TF `name/weights`).
+
+  padding: 'SAME' (TF semantics, also at stride > 1, as MobileNetV2) or 'EXPLICIT' (TF `conv2d_same`:
+  symmetric padding then VALID when strided; same as SAME at stride 1).
+  """
+  return nn.Conv(
+      features, (kernel_size, kernel_size), strides=(stride, stride),
+      padding=_conv_padding(kernel_size, stride, rate, padding), kernel_dilation=(rate, rate),
+      use_bias=use_bias, kernel_init=kernel_init or nn.initializers.variance_scaling(
+          2.0, 'fan_in', 'truncated_normal'),
+      dtype=dtype, param_dtype=jnp.float32, name=name)(x)
+
+
+def depthwise_conv(x: Array, kernel_size: int, *, name: str, stride: int = 1, rate: int = 1,
+                   padding: str = 'SAME', impl: str = 'auto', dtype: Any = jnp.float32,
+                   kernel_init: Callable = nn.initializers.truncated_normal(0.33)) -> Array:
+  """Depthwise conv named `name`: `feature_group_count=C` with `kernel_dilation` (atrous) or shifted sums."""
+  pad = _conv_padding(kernel_size, stride, rate, padding)
+  if resolve_depthwise_impl(impl) == 'grouped':
+    channels = x.shape[-1]
+    return nn.Conv(
+        channels, (kernel_size, kernel_size), strides=(stride, stride), padding=pad,
+        kernel_dilation=(rate, rate), feature_group_count=channels, use_bias=False,
+        kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32, name=name)(x)
+  return ShiftedDepthwiseConv(kernel_size, stride, rate, pad, kernel_init, dtype, name=name)(x)
+
+
+def batch_norm(x: Array, *, name: str, train: bool, decay: float, epsilon: float,
+               dtype: Any = jnp.float32) -> Array:
+  """BatchNorm named `name` (TF `.../BatchNorm`); over a batch sharded on devices it is cross-device."""
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=decay, epsilon=epsilon, dtype=dtype,
+      param_dtype=jnp.float32, name=name)(x)
+
+
+def conv_bn(x: Array, features: int, kernel_size: int, *, name: str, train: bool, bn: BNConfig,
+            stride: int = 1, rate: int = 1, padding: str = 'SAME',
+            activation: Optional[Callable] = nn.relu, dtype: Any = jnp.float32) -> Array:
+  """conv -> BatchNorm -> activation, TF-slim `conv2d(normalizer_fn=batch_norm)` under scope `name`."""
+  x = conv(x, features, kernel_size, name=name, stride=stride, rate=rate, padding=padding, dtype=dtype)
+  x = batch_norm(x, name=f'{name}/BatchNorm', train=train, decay=bn.decay, epsilon=bn.epsilon,
+                 dtype=dtype)
+  return activation(x) if activation is not None else x
+
+
+def separable_conv_bn(x: Array, features: int, kernel_size: int, *, name: str, train: bool,
+                      bn: BNConfig, stride: int = 1, rate: int = 1, padding: str = 'SAME',
+                      depthwise_activation: Optional[Callable] = nn.relu,
+                      pointwise_activation: Optional[Callable] = nn.relu, impl: str = 'auto',
+                      dtype: Any = jnp.float32) -> Array:
+  """Atrous separable conv: depthwise -> BN -> act -> pointwise 1x1 -> BN -> act.
+
+  Scopes `{name}_depthwise` and `{name}_pointwise`, as official `split_separable_conv2d`.
+  """
+  x = depthwise_conv(x, kernel_size, name=f'{name}_depthwise', stride=stride, rate=rate,
+                     padding=padding, impl=impl, dtype=dtype)
+  x = batch_norm(x, name=f'{name}_depthwise/BatchNorm', train=train, decay=bn.decay,
+                 epsilon=bn.epsilon, dtype=dtype)
+  if depthwise_activation is not None:
+    x = depthwise_activation(x)
+  return conv_bn(x, features, 1, name=f'{name}_pointwise', train=train, bn=bn,
+                 activation=pointwise_activation, dtype=dtype)
+
+
+relu6 = jax.nn.relu6
+
+
+def max_pool(x: Array, window: int, stride: int, padding) -> Array:
+  """Max pooling; padding 'SAME' or explicit pairs (pads with -inf)."""
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+
+def compute_dtype(name: str):
+  """'float32' | 'bfloat16' -> jnp dtype, with a clear error for anything else."""
+  table = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  if name not in table:
+    raise ValueError(f'config.model.dtype={name!r} is not one of {tuple(table)}.')
+  return table[name]
+
