@@ -1,0 +1,8 @@
+"""DeepLabV3+ Xception-71 on PASCAL VOC 2012 (same protocol as voc_xception, deeper entry flow)."""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.model.backbone = 'xception_71'
+  return config

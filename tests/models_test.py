@@ -1,0 +1,222 @@
+"""Model family tests: shapes and strides, parameter invariance, depthwise paths, resize, compile counts."""
+import importlib
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from deeplab_jax.models import create_model
+from deeplab_jax.models import layers
+
+CONFIGS = ('voc_xception', 'voc_xception71', 'voc_resnet101_v3', 'voc_resnet101_v3plus',
+           'voc_mobilenetv2', 'voc_vgg16_v1', 'voc_resnet101_v2', 'cityscapes_xception',
+           'ade20k_xception', 'tiny')
+BACKBONES = ('xception_41', 'xception_65', 'xception_71', 'resnet_v1_50', 'resnet_v1_50_beta',
+             'resnet_v1_101', 'resnet_v1_101_beta', 'mobilenet_v2', 'vgg_16')
+# Channels of the stride-4 decoder end point.
+LOW_LEVEL_CHANNELS = {'xception': 256, 'resnet': 256, 'mobilenet_v2': 144, 'vgg_16': 128}
+
+
+def get_config(name):
+  return importlib.import_module(f'configs.{name}').get_config()
+
+
+def abstract_apply(model, size, batch=1):
+  """(variables, logits, intermediates) as ShapeDtypeStructs: no compilation."""
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  logits, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, images)
+  inter = {k: v[0] for k, v in state['intermediates'].items()}
+  return variables, logits, inter
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_builds_513_logits_and_params_do_not_depend_on_size_or_stride(name):
+  config = get_config(name)
+  model = create_model(config.model)
+  variables, logits, _ = abstract_apply(model, 513)
+  assert logits.shape == (1, 513, 513, config.model.num_classes)
+  assert logits.dtype == jnp.float32
+  shapes = jax.tree_util.tree_map(lambda x: x.shape, variables)
+  other_size, _, _ = abstract_apply(model, 97)
+  assert jax.tree_util.tree_map(lambda x: x.shape, other_size) == shapes
+  for output_stride in (8, 16, 32):
+    at_os, _, _ = abstract_apply(create_model(config.model, output_stride=output_stride), 97)
+    assert jax.tree_util.tree_map(lambda x: x.shape, at_os) == shapes
+
+
+@pytest.mark.parametrize('backbone', BACKBONES)
+@pytest.mark.parametrize('output_stride', (8, 16, 32))
+def test_backbone_feature_shapes_and_strides(backbone, output_stride):
+  m = default.get_model_config()
+  m.backbone = backbone
+  if backbone == 'vgg_16':
+    m.decoder_output_stride = 0
+  model = create_model(m, output_stride=output_stride)
+  size = 65  # 16k+1: every stride-s map is (size - 1) / s + 1
+  _, logits, inter = abstract_apply(model, size)
+  feat = (size - 1) // output_stride + 1
+  channels = {'mobilenet_v2': 320, 'vgg_16': 512}.get(backbone, 2048)
+  assert inter['backbone_features'].shape == (1, feat, feat, channels)
+  assert logits.shape == (1, size, size, 21)
+  if backbone != 'vgg_16':
+    family = backbone.split('_')[0] if backbone != 'mobilenet_v2' else backbone
+    low = (size - 1) // 4 + 1
+    assert inter['decoder_tap'].shape == (1, low, low, LOW_LEVEL_CHANNELS[family])
+    assert inter['logits_small'].shape == (1, low, low, 21)
+
+
+def test_published_parameter_counts():
+  # Totals of the official graphs (variables.tsv sums in shared/data/official_tf_reference).
+  variables, _, _ = abstract_apply(create_model(get_config('voc_xception').model), 129)
+  assert count(variables) == 41_258_213
+  assert count(abstract_apply(create_model(get_config('voc_resnet101_v3plus').model), 129)[0]) == \
+      45_935_365
+  m = get_config('voc_mobilenetv2').model
+  assert count(abstract_apply(create_model(m), 129)[0]) == 2_146_645
+
+
+def test_output_stride_override_scales_atrous_rates():
+  m = get_config('voc_xception').model
+  assert create_model(m).atrous_rates == (6, 12, 18)
+  assert create_model(m, output_stride=8).atrous_rates == (12, 24, 36)
+  assert create_model(m, output_stride=32).atrous_rates == (3, 6, 9)
+
+
+@pytest.mark.parametrize('field,value', [('backbone', 'resnet_152'), ('head', 'fcn'),
+                                         ('output_stride', 12), ('depthwise_impl', 'fast'),
+                                         ('dtype', 'float16')])
+def test_bad_config_values_name_the_field(field, value):
+  m = default.get_model_config()
+  setattr(m, field, value)
+  with pytest.raises(ValueError, match=f'config.model.{field}'):
+    create_model(m)
+
+
+def test_rejects_non_rgb_input():
+  model = create_model(get_config('tiny').model)
+  with pytest.raises(ValueError, match='B, H, W, 3'):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 33, 33), jnp.float32))
+
+
+class _Grouped(nn.Module):
+  stride: int
+  rate: int
+  padding: str
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.depthwise_conv(x, 3, name='dw', stride=self.stride, rate=self.rate,
+                                 padding=self.padding, impl='grouped')
+
+
+class _Shifted(_Grouped):
+
+  @nn.compact
+  def __call__(self, x):
+    return layers.depthwise_conv(x, 3, name='dw', stride=self.stride, rate=self.rate,
+                                 padding=self.padding, impl='shifted')
+
+
+@pytest.mark.parametrize('stride,rate,padding,size', [
+    (1, 1, 'SAME', 9), (2, 1, 'SAME', 10), (2, 1, 'EXPLICIT', 10), (2, 1, 'EXPLICIT', 9),
+    (1, 2, 'SAME', 9), (1, 4, 'SAME', 12), (2, 1, 'SAME', 9)])
+def test_depthwise_implementations_agree_with_gradients(stride, rate, padding, size):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 5))
+  grouped, shifted = _Grouped(stride, rate, padding), _Shifted(stride, rate, padding)
+  params = grouped.init(jax.random.PRNGKey(1), x)
+  assert jax.tree_util.tree_map(jnp.shape, shifted.init(jax.random.PRNGKey(1), x)) == \
+      jax.tree_util.tree_map(jnp.shape, params)
+  y_g, y_s = grouped.apply(params, x), shifted.apply(params, x)
+  assert y_g.shape == y_s.shape
+  np.testing.assert_allclose(y_s, y_g, atol=1e-5, rtol=1e-5)
+
+  def loss(module, p, inp):
+    return jnp.sum(jnp.sin(module.apply(p, inp)))
+
+  g_g = jax.grad(lambda p, i: loss(grouped, p, i), argnums=(0, 1))(params, x)
+  g_s = jax.grad(lambda p, i: loss(shifted, p, i), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree_util.tree_leaves(g_s), jax.tree_util.tree_leaves(g_g)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_auto_is_shifted_on_cpu():
+  assert jax.default_backend() == 'cpu'
+  assert layers.resolve_depthwise_impl('auto') == 'shifted'
+  assert layers.resolve_depthwise_impl('grouped') == 'grouped'
+
+
+def test_resize_bilinear_align_corners_exact_values():
+  x = jnp.asarray([[0.0, 1.0], [2.0, 3.0]]).reshape(1, 2, 2, 1)
+  y = layers.resize_bilinear(x, (3, 3))[0, :, :, 0]
+  np.testing.assert_allclose(y, [[0, .5, 1], [1, 1.5, 2], [2, 2.5, 3]], atol=1e-7)
+  # From one pixel (image pooling) it is a broadcast; to one pixel it takes the corner.
+  np.testing.assert_allclose(layers.resize_bilinear(x[:, :1, :1], (2, 3)), jnp.zeros((1, 2, 3, 1)))
+  np.testing.assert_allclose(layers.resize_bilinear(x, (1, 1))[0, 0, 0, 0], 0.0)
+  # 3 -> 5: the output samples input positions 0, .5, 1, 1.5, 2.
+  z = layers.resize_bilinear(jnp.asarray([0.0, 4.0, 8.0]).reshape(1, 3, 1, 1), (5, 1))
+  np.testing.assert_allclose(z[0, :, 0, 0], [0, 2, 4, 6, 8], atol=1e-6)
+
+
+def test_fixed_padding_and_scale_dimension():
+  x = jnp.ones((1, 4, 4, 1))
+  assert layers.fixed_padding(x, 3).shape == (1, 6, 6, 1)          # (1, 1)
+  assert layers.fixed_padding(x, 3, rate=2).shape == (1, 8, 8, 1)  # (2, 2)
+  assert layers.fixed_padding(x, 4).shape == (1, 7, 7, 1)          # (1, 2)
+  assert layers.fixed_padding(x, 4)[0, 1, 0, 0] == 0 and layers.fixed_padding(x, 4)[0, 1, 1, 0] == 1
+  assert layers.scale_dimension(513, 1 / 16) == 33
+  assert layers.scale_dimension(512, 1 / 16) == 32
+  assert layers.scale_dimension(513, 0.75) == 385
+
+
+def test_jitted_forward_compiles_once_per_input_shape():
+  config = get_config('tiny')
+  model = create_model(config.model)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 33, 33, 3)))
+  traces = []
+
+  @jax.jit
+  def forward(v, x):
+    traces.append(x.shape)
+    return model.apply(v, x)
+
+  for _ in range(3):
+    forward(variables, jnp.ones((2, 33, 33, 3)))
+  assert len(traces) == 1
+  out = forward(variables, jnp.ones((1, 41, 41, 3)))
+  forward(variables, jnp.zeros((1, 41, 41, 3)))
+  assert len(traces) == 2 and out.shape == (1, 41, 41, config.model.num_classes)
+
+
+def test_train_mode_updates_batch_stats_and_uses_dropout():
+  model = create_model(get_config('tiny').model)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 33, 33, 3), maxval=255.0)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  apply = jax.jit(lambda v, x, k: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                                 rngs={'dropout': k}))
+  out1, state = apply(variables, x, jax.random.PRNGKey(1))
+  out2, _ = apply(variables, x, jax.random.PRNGKey(2))
+  assert not np.allclose(out1, out2)  # dropout after the ASPP projection
+  before = flax.traverse_util.flatten_dict(variables['batch_stats'])
+  after = flax.traverse_util.flatten_dict(state['batch_stats'])
+  assert set(before) == set(after)
+  assert any(not np.allclose(before[k], after[k]) for k in before)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  config = get_config('tiny')
+  config.model.dtype = 'bfloat16'
+  model = create_model(config.model)
+  variables, logits, inter = abstract_apply(model, 33)
+  assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables))
+  assert logits.dtype == jnp.float32
+  assert inter['backbone_features'].dtype == jnp.bfloat16
