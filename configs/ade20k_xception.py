@@ -12,7 +12,7 @@ def get_config():
   config.model.fine_tune_batch_norm = False
   config.dataset.name = 'ade20k'
   config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'validation'
+  config.dataset.eval_split = 'val'
   config.dataset.num_classes = 151
   config.dataset.ignore_label = 0
   config.train.batch_size = 4

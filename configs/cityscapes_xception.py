@@ -10,7 +10,7 @@ def get_config():
   config.model.num_classes = 19
   config.dataset.name = 'cityscapes'
   config.dataset.train_split = 'train'
-  config.dataset.eval_split = 'validation'
+  config.dataset.eval_split = 'val'
   config.dataset.num_classes = 19
   config.train.crop_size = (769, 769)
   config.train.batch_size = 8

@@ -44,12 +44,20 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = ml_collections.ConfigDict()
   config.dataset.name = 'voc2012_segmentation'
   config.dataset.data_dir = ''        # TFDS data dir ('' = TFDS default, ~/tensorflow_datasets)
-  config.dataset.manual_dir = ''      # where the manual downloads live
+  config.dataset.manual_dir = ''      # manual downloads ('folder': the data root; '' = <data_dir>/downloads/manual)
   config.dataset.train_split = 'train_aug'
   config.dataset.eval_split = 'val'
   config.dataset.num_classes = 21
   config.dataset.ignore_label = 255
   config.dataset.class_names = ()     # () = the dataset's own names
+  config.dataset.builder_config = ''  # voc2012_segmentation: 'with_sbd' ('' = it; has train_aug) or 'voc_only'
+  config.dataset.synthetic_image_size = 97   # synthetic_scenes: square image side
+  config.dataset.synthetic_num_train = 1000  # synthetic_scenes: train split size
+  config.dataset.synthetic_num_val = 200     # synthetic_scenes: held-out val split size
+  config.dataset.synthetic_seed = 0          # synthetic_scenes: generator seed (scenes depend on it only)
+  config.dataset.synthetic_max_objects = 5   # synthetic_scenes: at most this many objects per scene
+  config.dataset.num_workers = 4      # input pipeline threads decoding/augmenting (0 = in the caller)
+  config.dataset.prefetch_batches = 2  # batches prepared ahead of the trainer
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16
