@@ -57,6 +57,15 @@ def flat_variables(variables: Mapping) -> Dict[Tuple[str, str], Tuple[Tuple[str,
   return out
 
 
+def _count_by_scope(names: List[str]) -> str:
+  """'xception_65: 698, decoder: 20' -- how many names fall under each top-level scope."""
+  counts: Dict[str, int] = {}
+  for name in names:
+    top = name.split('/', 1)[0]
+    counts[top] = counts.get(top, 0) + 1
+  return 'by top scope: ' + ', '.join(f'{k}: {v}' for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def assign_tf_arrays(tf_arrays: Mapping[str, np.ndarray], target_variables: Mapping,
                      *, prefix_filter: Callable[[str], bool] = None) -> Tuple[dict, Dict[str, List]]:
   """Builds our variables from TF arrays, checking names and shapes both ways.
@@ -80,7 +89,7 @@ def assign_tf_arrays(tf_arrays: Mapping[str, np.ndarray], target_variables: Mapp
       ((c, '/'.join(k)), v) for c in ('params', 'batch_stats')
       for k, v in flax.traverse_util.flatten_dict(dict(target_variables.get(c, {}))).items())}
   report = {'loaded': [], 'skipped': [], 'new': []}
-  unmapped, mismatched, used = [], [], set()
+  unmapped, mismatched, used, seen_with_other_shape = [], [], set(), set()
   for tf_name, array in sorted(tf_arrays.items()):
     if IGNORED_TF_VARIABLES.search(tf_name):
       continue
@@ -99,23 +108,26 @@ def assign_tf_arrays(tf_arrays: Mapping[str, np.ndarray], target_variables: Mapp
     expected = targets[(collection, path)][1]
     if tuple(value.shape) != expected:
       mismatched.append(f'{tf_name}: checkpoint {tuple(np.shape(array))} -> ours {path} {expected}')
+      seen_with_other_shape.add((collection, path))
       continue
     flat[(collection, path)] = value.astype(np.float32)
     used.add((collection, path))
     report['loaded'].append(tf_name)
   missing = [f'{c}:{p}' for (c, p) in targets
-             if (c, p) not in used and (prefix_filter is None or prefix_filter(p))]
+             if (c, p) not in used and (c, p) not in seen_with_other_shape
+             and (prefix_filter is None or prefix_filter(p))]
   report['new'] = [f'{c}:{p}' for (c, p) in targets
                    if (c, p) not in used and prefix_filter is not None and not prefix_filter(p)]
   problems = []
   if unmapped:
-    problems.append(f'{len(unmapped)} checkpoint variables have no place in this model:\n  '
-                    + '\n  '.join(unmapped[:50]))
+    problems.append(f'{len(unmapped)} checkpoint variables have no place in this model '
+                    f'({_count_by_scope(unmapped)}):\n  ' + '\n  '.join(unmapped[:50]))
   if mismatched:
     problems.append(f'{len(mismatched)} shapes disagree with the config:\n  '
                     + '\n  '.join(mismatched[:50]))
   if missing:
-    problems.append(f'{len(missing)} model variables are missing from the checkpoint:\n  '
+    problems.append(f'{len(missing)} model variables are missing from the checkpoint '
+                    f'({_count_by_scope([m.split(":", 1)[1] for m in missing])}):\n  '
                     + '\n  '.join(missing[:50]))
   if problems:
     raise ConversionError('Checkpoint does not match the model config (wrong --config for this '
