@@ -1,0 +1,56 @@
+"""DeepLab entry point: `python -m deeplab_jax.main --config=configs/synthetic.py --workdir=runs/synthetic`.
+
+Config fields are overridden on the command line (`--config.train.batch_size=8`). Several processes (hosts,
+or several processes on one machine) are joined with `jax.distributed` when `--num_processes > 1`, when
+`JAX_COORDINATOR_ADDRESS` is set, or on a cluster JAX detects itself (`--distributed`).
+"""
+import logging as python_logging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from deeplab_jax import evaluate
+from deeplab_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections), e.g. configs/synthetic.py.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, TensorBoard events, predictions.')
+flags.DEFINE_enum('mode', 'train_and_eval', ['train_and_eval', 'train', 'eval'], 'What to run.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with cluster auto-detection.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for jax.distributed.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes, for jax.distributed.')
+flags.DEFINE_integer('process_id', None, 'This process index, for jax.distributed.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _quiet_orbax(record) -> bool:
+  """Drops orbax's per-save INFO lines and its warning about periodic saves carrying no metrics."""
+  if '/orbax/' not in record.pathname:
+    return True
+  return record.levelno >= python_logging.WARNING and 'did not provide metrics' not in record.getMessage()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  if FLAGS.distributed or (FLAGS.num_processes or 1) > 1 or os.environ.get('JAX_COORDINATOR_ADDRESS'):
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info('JAX %s, process %d of %d; %d local / %d global devices: %s', jax.__version__,
+               jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.local_devices())
+  logging.info('Config:\n%s', FLAGS.config)
+  if FLAGS.mode == 'eval':
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir, train.create_mesh())
+  else:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, run_eval=FLAGS.mode == 'train_and_eval')
+
+
+if __name__ == '__main__':
+  jax.config.config_with_absl()
+  app.run(main)
