@@ -13,7 +13,6 @@ import os
 import time
 from typing import Any, Iterable
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -114,13 +113,18 @@ class Evaluator:
   def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     self.config = config
     self.mesh = mesh
+    _check_divisible('config.eval.batch_size', config.eval.batch_size, jax.device_count())
+    if config.eval.output_stride not in (8, 16, 32):
+      raise ValueError(f'config.eval.output_stride={config.eval.output_stride} is not one of (8, 16, 32).')
+    if not config.eval.scales or min(config.eval.scales) <= 0:
+      raise ValueError(f'config.eval.scales={tuple(config.eval.scales)} must be a non-empty list of positive '
+                       'scales, e.g. (1.0,) or the official (0.5, 0.75, 1.0, 1.25, 1.5, 1.75).')
     self.num_classes = config.dataset.num_classes
     dataset_info = input_pipeline.load_dataset_info(config)
     self.class_names = tuple(config.dataset.class_names) or tuple(dataset_info.class_names)
     if len(self.class_names) != self.num_classes:
       raise ValueError(f'config.dataset.class_names has {len(self.class_names)} names for '
                        f'config.dataset.num_classes={self.num_classes}.')
-    _check_divisible('config.eval.batch_size', config.eval.batch_size, jax.device_count())
     self.model = create_model(config.model, output_stride=config.eval.output_stride)
     self.data_sharding = NamedSharding(mesh, P('data'))
     replicated = NamedSharding(mesh, P())
@@ -178,7 +182,7 @@ class Evaluator:
 
 
 def _check_divisible(field: str, value: int, devices: int) -> None:
-  if value % devices:
+  if value <= 0 or value % devices:
     raise ValueError(f'{field}={value} must be a multiple of the number of devices ({devices}).')
 
 

@@ -190,10 +190,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run_eval
   t = config.train
   model = create_model(config.model)
   tx, schedule = optim.create_optimizer(t)
+  evaluator = evaluate.Evaluator(config, mesh) if run_eval else None
   ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   state = _initial_state(config, model, tx, mesh, ckpt)
   start_step = int(state.step)
-  evaluator = evaluate.Evaluator(config, mesh) if run_eval else None
   p_train_step = make_train_step(config, model, tx, schedule, mesh)
   batches = input_pipeline.create_train_iterator(config, start_step=start_step,
                                                  process_index=jax.process_index(),

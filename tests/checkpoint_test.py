@@ -49,9 +49,8 @@ def test_round_trip_keeps_values_structure_and_sharding(tmp_path):
   ckpt.wait()
   restored_vars, restored_state = ckpt.restore(7, _zeros_like(variables), _zeros_like(train_state), _config())
   ckpt.close()
-  chex_equal = jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                            (variables, train_state), (restored_vars, restored_state))
-  del chex_equal
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               (variables, train_state), (restored_vars, restored_state))
   assert jax.tree.structure(restored_state) == jax.tree.structure(train_state)
   leaf = restored_vars['params']['logits/semantic']['kernel']
   assert leaf.sharding.is_equivalent_to(variables['params']['logits/semantic']['kernel'].sharding, 4)

@@ -146,3 +146,19 @@ def test_eval_without_checkpoint_names_the_problem(tmp_path):
   config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
   with pytest.raises(checkpoint.CheckpointError, match='Nothing to evaluate: no checkpoint in .*empty_run'):
     evaluate.evaluate(config, str(tmp_path / 'empty_run'), train.create_mesh())
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('output_stride', 12, r'config.eval.output_stride=12 is not one of \(8, 16, 32\)'),
+    ('scales', (), r'config.eval.scales=\(\) must be a non-empty list'),
+    ('batch_size', 4, r'config.eval.batch_size=4 must be a multiple of the number of devices \(8\)'),
+])
+def test_bad_eval_config_names_the_field(tmp_path, field, value, match):
+  config, _, _ = _tiny_model_and_variables()
+  config.dataset.data_dir = str(tmp_path / 'tfds')
+  config.dataset.synthetic_image_size, config.dataset.synthetic_num_train = 33, 8
+  config.dataset.synthetic_num_val, config.dataset.num_workers = 8, 0
+  config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
+  config.eval[field] = value
+  with pytest.raises(ValueError, match=match):
+    evaluate.Evaluator(config, train.create_mesh())
