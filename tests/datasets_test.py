@@ -353,3 +353,13 @@ def test_get_builder_rejects_unknown_names_and_fields(tmp_path):
     datasets.get_builder(_dataset_config('voc2012_segmentation', tmp_path, builder_config='aug'))
   with pytest.raises(ValueError, match='num_classes'):
     datasets.get_builder(_dataset_config('synthetic_scenes', tmp_path, num_classes=40))
+
+
+def test_synthetic_builder_with_the_default_settings(tmp_path):
+  # The default settings equal the predefined builder config, which TFDS must get by name.
+  from configs import tiny
+  config = tiny.get_config()
+  config.dataset.data_dir = str(tmp_path)
+  config.dataset.synthetic_num_train = 1000
+  builder = datasets.get_builder(config.dataset)
+  assert builder.builder_config.name == synthetic.make_config(97, 5, 1000, 200, 0, 5).name

@@ -62,7 +62,9 @@ def get_builder(dataset_config: ml_collections.ConfigDict) -> common.Segmentatio
     if not 2 <= config.num_classes <= synthetic.MAX_CLASSES:
       raise ValueError(f'config.dataset.num_classes={config.num_classes} must be in 2..{synthetic.MAX_CLASSES} '
                        'for synthetic_scenes.')
-    return synthetic.SyntheticScenes(config=config, **kwargs)
+    # TFDS refuses a custom config object named like a predefined one: pass the predefined one by name.
+    predefined = {c.name for c in synthetic.SyntheticScenes.BUILDER_CONFIGS}
+    return synthetic.SyntheticScenes(config=config.name if config.name in predefined else config, **kwargs)
   raise ValueError(f'Unknown config.dataset.name {name!r}; allowed: {", ".join(DATASET_NAMES)}.')
 
 
