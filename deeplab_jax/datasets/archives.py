@@ -4,23 +4,25 @@ TFDS's own extractor needs TensorFlow, so builders read archives with the standa
 uncompressed tars and zips by random access, compressed tars (`.tgz`) in one streaming pass that keeps
 only the wanted members in memory (SBD's `cls/*.mat` are small).
 """
+import abc
 import os
 import tarfile
 from typing import Callable
 import zipfile
 
 
-class FileTree:
+class FileTree(abc.ABC):
   """Files under a root, addressed by '/'-separated paths relative to that root."""
 
   description: str
 
+  @abc.abstractmethod
   def read(self, relpath: str) -> bytes:
-    raise NotImplementedError
+    """The bytes of one file."""
 
+  @abc.abstractmethod
   def files(self) -> list[str]:
     """All file paths, sorted."""
-    raise NotImplementedError
 
   def exists(self, relpath: str) -> bool:
     return relpath in self._file_set()
