@@ -167,12 +167,11 @@ def test_resize_bilinear_align_corners_exact_values():
   np.testing.assert_allclose(z[0, :, 0, 0], [0, 2, 4, 6, 8], atol=1e-6)
 
 
-def test_fixed_padding_and_scale_dimension():
-  x = jnp.ones((1, 4, 4, 1))
-  assert layers.fixed_padding(x, 3).shape == (1, 6, 6, 1)          # (1, 1)
-  assert layers.fixed_padding(x, 3, rate=2).shape == (1, 8, 8, 1)  # (2, 2)
-  assert layers.fixed_padding(x, 4).shape == (1, 7, 7, 1)          # (1, 2)
-  assert layers.fixed_padding(x, 4)[0, 1, 0, 0] == 0 and layers.fixed_padding(x, 4)[0, 1, 1, 0] == 1
+def test_explicit_padding_and_scale_dimension():
+  assert layers.explicit_pads(3) == (1, 1)
+  assert layers.explicit_pads(3, rate=2) == (2, 2)
+  assert layers.explicit_pads(4) == (1, 2)  # the odd pixel after, as TF fixed_padding
+  assert layers.explicit_pads(1) == (0, 0)
   assert layers.scale_dimension(513, 1 / 16) == 33
   assert layers.scale_dimension(512, 1 / 16) == 32
   assert layers.scale_dimension(513, 0.75) == 385

@@ -6,7 +6,7 @@ sibling module `S/BatchNorm` (TF `S/BatchNorm/{gamma,beta,moving_mean,moving_var
 are plain functions that create Flax modules inside the caller's compact method, so they add no extra level.
 """
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -62,17 +62,14 @@ def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
   return jnp.einsum('pw,bowc->bopc', ww, x)
 
 
-def fixed_padding(x: Array, kernel_size: int, rate: int = 1) -> Array:
-  """Pads `[B, H, W, C]` symmetrically for a strided 'VALID' conv, as TF `conv2d_same`/`fixed_padding`.
+def explicit_pads(kernel_size: int, rate: int = 1) -> Tuple[int, int]:
+  """(before, after) padding of TF `conv2d_same`/`fixed_padding` for a strided 'VALID' conv.
 
   pad_total = k_eff - 1 with k_eff = k + (k - 1)(rate - 1); pad_beg = pad_total // 2. TF 'SAME' would put the
   odd pixel at the end instead, which shifts features by one pixel on even input sizes.
   """
-  k_eff = kernel_size + (kernel_size - 1) * (rate - 1)
-  pad_total = k_eff - 1
-  pad_beg = pad_total // 2
-  pad_end = pad_total - pad_beg
-  return jnp.pad(x, ((0, 0), (pad_beg, pad_end), (pad_beg, pad_end), (0, 0)))
+  pad_total = kernel_size + (kernel_size - 1) * (rate - 1) - 1
+  return pad_total // 2, pad_total - pad_total // 2
 
 
 def resolve_depthwise_impl(impl: str) -> str:
@@ -90,9 +87,8 @@ def _conv_padding(kernel_size: int, stride: int, rate: int, padding: str):
     # TF SAME; at stride 1 it is symmetric for odd effective kernels, as `conv2d_same` is.
     return 'SAME'
   if padding == 'EXPLICIT':
-    k_eff = kernel_size + (kernel_size - 1) * (rate - 1)
-    beg = (k_eff - 1) // 2
-    return ((beg, k_eff - 1 - beg), (beg, k_eff - 1 - beg))
+    pads = explicit_pads(kernel_size, rate)
+    return (pads, pads)
   raise ValueError(f'Unknown padding {padding!r}; expected SAME or EXPLICIT.')
 
 

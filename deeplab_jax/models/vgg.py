@@ -21,7 +21,7 @@ _STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 class VGG16(nn.Module):
   """VGG-16 trunk, scope `vgg_16`. Returns `{'out': pool5 features, 'low_level': pool2}`.
 
-  The heads' rates are defined at output stride 8 (LargeFOV fc6: 12) and scale by `head_rate_scale`.
+  The heads' rates are defined at output stride 8 (LargeFOV fc6: 12); `create_model` scales them.
   """
   output_stride: int = 8
   dtype: Any = jnp.float32
@@ -48,7 +48,3 @@ class VGG16(nn.Module):
         low_level = x
     return {'out': x, 'low_level': low_level}
 
-
-def head_rate_scale(output_stride: int) -> float:
-  """How much the VGG heads' rates (defined at output stride 8) scale at `output_stride`."""
-  return 8.0 / output_stride

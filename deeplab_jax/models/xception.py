@@ -2,7 +2,7 @@
 
 Every unit is three separable convs (depthwise -> BN -> pointwise -> BN), each preceded by a ReLU; no ReLU
 after the residual sum. Only exit_flow/block2 puts the ReLU inside the separable convs (after each BN) and
-has no leading ReLU. Strided convs pad explicitly and symmetrically (TF `fixed_padding`), the 1x1 shortcut
+has no leading ReLU. Strided convs pad explicitly and symmetrically (TF `fixed_padding`, `layers.explicit_pads`), the 1x1 shortcut
 uses SAME. The atrous conversion follows `stack_blocks_dense`: once the running stride reaches the target,
 later units run at stride 1 and the rate is multiplied by the stride they skipped.
 """
