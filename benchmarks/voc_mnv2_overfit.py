@@ -65,7 +65,8 @@ def main(argv):
   t.batch_size, t.crop_size, t.num_steps = FLAGS.batch, (FLAGS.crop, FLAGS.crop), FLAGS.steps
   t.base_learning_rate = FLAGS.learning_rate
   config.eval.batch_size = jax.device_count()
-  info = input_pipeline.load_dataset_info(config)
+  dataset = input_pipeline.load_dataset(config)
+  info = dataset.info
   print(f'{info.num_train_examples} train images, MobileNetV2 x{FLAGS.depth_multiplier}, crop {FLAGS.crop}, '
         f'batch {FLAGS.batch}, {jax.device_count()} {jax.devices()[0].platform} device(s)', flush=True)
 
@@ -74,11 +75,11 @@ def main(argv):
   tx, schedule = optim.create_optimizer(t)
   state = train.create_train_state(config, model, tx, mesh)
   step_fn = train.make_train_step(config, model, tx, schedule, mesh)
-  batches = input_pipeline.create_train_iterator(config)
+  batches = input_pipeline.create_train_iterator(config, dataset)
   losses, start = [], time.time()
   print('step  loss    lr       images/s', flush=True)
   for step in range(1, t.num_steps + 1):
-    state, metrics = step_fn(state, train.global_batch(next(batches), mesh))
+    state, metrics = step_fn(state, input_pipeline.shard_batch(next(batches), mesh))
     losses.append(metrics['loss'])
     if step % FLAGS.log_every == 0 or step == 1:
       mean_loss = float(np.mean(jax.device_get(losses)))
@@ -86,7 +87,7 @@ def main(argv):
       print(f'{step:4d}  {mean_loss:.4f}  {float(metrics["learning_rate"]):.5f}  '
             f'{len(losses) * t.batch_size / seconds:7.1f}', flush=True)
       losses = []
-  summary, _ = evaluate.Evaluator(config, mesh).run(state.variables())
+  summary, _ = evaluate.Evaluator(config, mesh, dataset).run(state.variables())
   print(f'mIoU on 30 training images: {summary["miou"]:.4f}, pixel accuracy {summary["pixel_accuracy"]:.4f}')
 
 

@@ -3,7 +3,9 @@
 Official g3doc recipe: crop 513, batch 4, 150k steps, OS16, BatchNorm frozen (fine_tune_batch_norm=False),
 label 0 ('other') ignored.
 """
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config():

@@ -2,7 +2,9 @@
 
 Crop 769x769, 90k steps, batch 8, poly lr 0.01, OS16; evaluation on whole 1024x2048 images (crop 1025x2049).
 """
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config():

@@ -87,7 +87,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.flip = False
   config.eval.num_images = -1         # -1 = the whole split
   config.eval.num_images_to_save = 4  # prediction overlays written as PNGs and TensorBoard images per eval
+  # The fully-connected CRF of DeepLab V1/V2 on the averaged probabilities (deeplab_jax/crf.py). Defaults:
+  # the DeepLab-v2 ResNet-101 values (w1, theta_alpha, theta_beta cross-validated on 100 VOC val images).
+  config.eval.crf = ml_collections.ConfigDict()
+  config.eval.crf.enabled = False
+  config.eval.crf.w1 = 4.0            # bilateral (appearance) kernel weight
+  config.eval.crf.theta_alpha = 67.0  # its spatial std, pixels
+  config.eval.crf.theta_beta = 3.0    # its colour std, RGB levels
+  config.eval.crf.w2 = 3.0            # Gaussian (smoothness) kernel weight
+  config.eval.crf.theta_gamma = 1.0   # its spatial std, pixels
+  config.eval.crf.num_iterations = 10
 
   config.init_from = ''               # checkpoint dir to fine-tune from
   config.init_from_scope = 'all'      # 'all' or 'backbone'
+  config.init_from_min_fraction = 0.9  # stop unless this share of the in-scope variables loads
   return config

@@ -5,7 +5,9 @@
 recipe (SGD momentum 0.9, poly schedule, L2 weight decay, random scale/crop/flip) and evaluates on the val
 scenes. It finishes in under 10 minutes on 2 CPU cores, reaching about 0.9 val mIoU.
 """
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config():

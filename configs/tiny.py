@@ -3,7 +3,9 @@
 It keeps every part of the full model (image pooling, separable atrous ASPP, decoder at stride 4) at a
 size that compiles and steps in seconds on a CPU.
 """
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config():
@@ -18,6 +20,8 @@ def get_config():
   m.num_classes = 5
   config.dataset.name = 'synthetic_scenes'
   config.dataset.num_classes = 5
+  config.dataset.train_split = 'train'  # synthetic_scenes has train and val
+  config.dataset.eval_split = 'val'
   config.train.batch_size = 8
   config.train.crop_size = (33, 33)
   config.train.num_steps = 4

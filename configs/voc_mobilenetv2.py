@@ -3,7 +3,9 @@
 Head: image pooling + 1x1 branch only, no atrous branches, no decoder. Depth multiplier from the config
 argument: `--config=configs/voc_mobilenetv2.py:0.5` for the dm0.5 model (default 1.0).
 """
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config(depth_multiplier: str = '1.0'):

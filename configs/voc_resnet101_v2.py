@@ -2,9 +2,12 @@
 
 The original ResNet-101 (7x7 stem, ImageNet-mean inputs), output stride 8, four 3x3 atrous branches each
 predicting the classes, summed. Caffe protocol: batch 10, crop 321, lr 2.5e-4 poly 0.9, 20k steps, weight
-decay 5e-4, BatchNorm frozen.
+decay 5e-4, BatchNorm frozen. Evaluation applies the paper's fully-connected CRF (w1=4, theta_alpha=67,
+theta_beta=3, w2=3, theta_gamma=1, 10 iterations; `--config.eval.crf.enabled=False` for the network alone).
 """
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config():
@@ -24,4 +27,7 @@ def get_config():
   config.train.weight_decay = 5e-4
   config.train.num_steps = 20_000
   config.eval.output_stride = 8
+  crf = config.eval.crf
+  crf.enabled = True
+  crf.w1, crf.theta_alpha, crf.theta_beta, crf.w2, crf.theta_gamma = 4.0, 67.0, 3.0, 3.0, 1.0
   return config

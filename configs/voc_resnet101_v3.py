@@ -3,7 +3,9 @@
 No decoder, plain (non-separable) 3x3 ASPP convs, OS16. The backbone is `resnet_v1_101_beta`, the variant
 whose ImageNet checkpoint the official code publishes. Weight decay 1e-4 as the official ResNet recipes.
 """
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config():

@@ -1,5 +1,7 @@
 """DeepLabV3+ ResNet-101-beta on PASCAL VOC 2012: multi-grid (1,2,4), separable ASPP and decoder at stride 4."""
-from configs import voc_resnet101_v3
+from deeplab_jax.config_files import sibling
+
+voc_resnet101_v3 = sibling(__file__, 'voc_resnet101_v3')
 
 
 def get_config():

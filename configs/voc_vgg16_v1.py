@@ -2,9 +2,12 @@
 
 pool4/pool5 stride 1 with conv5 at rate 2 (output stride 8), fc6 3x3 at rate 12 with 1024 channels, fc7 1x1
 1024, dropout 0.5, fc8. Caffe protocol: batch 20, crop 321 here (16k+1), lr 0.001, weight decay 5e-4.
-The fully-connected CRF post-processing of the paper is not part of this library yet.
+Evaluation applies the paper's fully-connected CRF (w1=4, theta_alpha=121, theta_beta=5, w2=3, theta_gamma=3,
+10 iterations; `--config.eval.crf.enabled=False` for the network alone).
 """
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config():
@@ -22,4 +25,7 @@ def get_config():
   config.train.weight_decay = 5e-4
   config.train.num_steps = 6000
   config.eval.output_stride = 8
+  crf = config.eval.crf
+  crf.enabled = True
+  crf.w1, crf.theta_alpha, crf.theta_beta, crf.w2, crf.theta_gamma = 4.0, 121.0, 5.0, 3.0, 3.0
   return config

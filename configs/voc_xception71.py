@@ -1,5 +1,7 @@
 """DeepLabV3+ Xception-71 on PASCAL VOC 2012 (same protocol as voc_xception, deeper entry flow)."""
-from configs import default
+from deeplab_jax.config_files import sibling
+
+default = sibling(__file__, 'default')
 
 
 def get_config():

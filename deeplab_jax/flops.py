@@ -327,29 +327,31 @@ def format_report(count: InferenceCount) -> str:
   return '\n'.join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).',
-                                          lock_config=True)
-_OUTPUT_STRIDE = flags.DEFINE_integer(
-    'output_stride', None, 'Eval output stride (default: config.eval.output_stride).')
-_EVAL_SCALES = flags.DEFINE_list(
-    'eval_scales', None, 'Comma-separated eval scales (default: config.eval.scales).')
-_FLIP = flags.DEFINE_boolean(
-    'flip', None, 'Also evaluate the flipped image (default: config.eval.flip).')
-_DEPTH = flags.DEFINE_integer('depth', DEFAULT_DEPTH, 'Module names per breakdown row (0: all).')
-_INCLUDE_RESIZE = flags.DEFINE_boolean(
-    'include_resize', False, 'Also count the bilinear-resize einsums (not the published figures).')
+def main() -> None:
+  """`python -m deeplab_jax.flops`: flags are defined here, never at import (the library stays importable)."""
+  config = config_flags.DEFINE_config_file('config', None, 'Config file (ml_collections).',
+                                           lock_config=True)
+  output_stride = flags.DEFINE_integer(
+      'output_stride', None, 'Eval output stride (default: config.eval.output_stride).')
+  eval_scales = flags.DEFINE_list(
+      'eval_scales', None, 'Comma-separated eval scales (default: config.eval.scales).')
+  flip = flags.DEFINE_boolean(
+      'flip', None, 'Also evaluate the flipped image (default: config.eval.flip).')
+  depth = flags.DEFINE_integer('depth', DEFAULT_DEPTH, 'Module names per breakdown row (0: all).')
+  include_resize = flags.DEFINE_boolean(
+      'include_resize', False, 'Also count the bilinear-resize einsums (not the published figures).')
+  flags.mark_flags_as_required(['config'])
 
+  def run(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    scales = None if eval_scales.value is None else [float(s) for s in eval_scales.value]
+    count = count_inference(config.value, output_stride.value, scales, flip.value,
+                            depth=depth.value or None, include_resize=include_resize.value)
+    print(format_report(count))
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None:
-    raise app.UsageError('--config is required, e.g. --config=configs/voc_xception.py')
-  scales = None if _EVAL_SCALES.value is None else [float(s) for s in _EVAL_SCALES.value]
-  count = count_inference(_CONFIG.value, _OUTPUT_STRIDE.value, scales, _FLIP.value,
-                          depth=_DEPTH.value or None, include_resize=_INCLUDE_RESIZE.value)
-  print(format_report(count))
+  app.run(run)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

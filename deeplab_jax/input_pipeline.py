@@ -168,17 +168,57 @@ def pad_for_eval(image: np.ndarray, label: np.ndarray, crop_size: Sequence[int],
 # ----------------------------------------------------------------------------------------------------
 
 
-def _prepared_builder(config: ml_collections.ConfigDict):
+class Dataset:
+  """The configured dataset, prepared once per run and passed to the trainer, evaluator and iterators.
+
+  `load_dataset(config)` builds it: the TFDS builder is created and `download_and_prepare()`d once, the
+  config is checked against what the data holds, and each split's data source is opened once.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, builder):
+    self._builder = builder
+    self._sources = {}
+    d = config.dataset
+    names = tuple(builder.class_names)
+    ignore_label = int(builder.info.metadata['ignore_label'])
+    if d.num_classes != len(names):
+      raise ValueError(f'config.dataset.num_classes={d.num_classes} but {d.name} has {len(names)} classes.')
+    if d.ignore_label != ignore_label:
+      raise ValueError(f'config.dataset.ignore_label={d.ignore_label} but {d.name} stores {ignore_label} for '
+                       'ignored pixels.')
+    if d.class_names:
+      if len(d.class_names) != len(names):
+        raise ValueError(f'config.dataset.class_names has {len(d.class_names)} names; the dataset has '
+                         f'{len(names)} classes.')
+      names = tuple(d.class_names)
+    self.train_split, self.eval_split = d.train_split, d.eval_split
+    limit = config.eval.num_images
+    num_eval = len(self.source(d.eval_split))
+    self.info = DatasetInfo(
+        name=d.name, num_classes=len(names), class_names=names, ignore_label=ignore_label,
+        num_train_examples=len(self.source(d.train_split)),
+        num_eval_examples=num_eval if limit is None or limit < 0 else min(limit, num_eval))
+
+  def source(self, split: str):
+    """Random-access data source of `split` (opened once)."""
+    if split not in self._sources:
+      if split not in self._builder.info.splits:
+        raise ValueError(f'Split {split!r} (config.dataset.train_split / eval_split) is not in dataset '
+                         f'{self._builder.info.full_name}; available: {sorted(self._builder.info.splits)}.')
+      self._sources[split] = self._builder.as_data_source(split=split)
+    return self._sources[split]
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """Prepares the configured dataset if needed (once per run) and checks config.dataset against it.
+
+  Raises:
+    ValueError: num_classes, ignore_label, class_names or a split in config.dataset disagree with the data.
+    datasets.ManualDownloadError: the manual downloads are missing; the message names each file.
+  """
   builder = datasets.get_builder(config.dataset)
   builder.download_and_prepare()
-  return builder
-
-
-def _source(builder, split: str):
-  if split not in builder.info.splits:
-    raise ValueError(f'Split {split!r} (config.dataset.train_split / eval_split) is not in dataset '
-                     f'{builder.info.full_name}; available: {sorted(builder.info.splits)}.')
-  return builder.as_data_source(split=split)
+  return Dataset(config, builder)
 
 
 def _decode(example: dict) -> tuple[np.ndarray, np.ndarray, str]:
@@ -187,40 +227,11 @@ def _decode(example: dict) -> tuple[np.ndarray, np.ndarray, str]:
   return example['image'], example['label'][..., 0], image_id
 
 
-def load_dataset_info(config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Prepares the configured dataset if needed and describes it; checks config.dataset against it.
-
-  Raises:
-    ValueError: num_classes, ignore_label or class_names in config.dataset disagree with the dataset.
-  """
-  builder = _prepared_builder(config)
-  names = tuple(builder.class_names)
-  ignore_label = int(builder.info.metadata['ignore_label'])
-  if config.dataset.num_classes != len(names):
-    raise ValueError(f'config.dataset.num_classes={config.dataset.num_classes} but {config.dataset.name} has '
-                     f'{len(names)} classes.')
-  if config.dataset.ignore_label != ignore_label:
-    raise ValueError(f'config.dataset.ignore_label={config.dataset.ignore_label} but {config.dataset.name} '
-                     f'stores {ignore_label} for ignored pixels.')
-  if config.dataset.class_names:
-    if len(config.dataset.class_names) != len(names):
-      raise ValueError(f'config.dataset.class_names has {len(config.dataset.class_names)} names; the dataset '
-                       f'has {len(names)} classes.')
-    names = tuple(config.dataset.class_names)
-  return DatasetInfo(name=config.dataset.name, num_classes=len(names), class_names=names,
-                     ignore_label=ignore_label,
-                     num_train_examples=len(_source(builder, config.dataset.train_split)),
-                     num_eval_examples=_num_eval(config, _source(builder, config.dataset.eval_split)))
-
-
-def _num_eval(config: ml_collections.ConfigDict, source) -> int:
-  limit = config.eval.num_images
-  return len(source) if limit is None or limit < 0 else min(limit, len(source))
-
-
-def num_eval_examples(config: ml_collections.ConfigDict) -> int:
-  """Examples evaluated: the eval split, cut to config.eval.num_images when that is >= 0."""
-  return _num_eval(config, _source(_prepared_builder(config), config.dataset.eval_split))
+def shard_batch(local_batch: Batch, mesh: jax.sharding.Mesh) -> dict:
+  """Assembles each process's `[B_local, ...]` arrays into global arrays sharded on the mesh's `data` axis."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for key, value in local_batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,13 +287,14 @@ def train_example_index(sample: int, num_examples: int, seed: int) -> int:
   return int(_epoch_permutation(seed, epoch, num_examples)[position])
 
 
-def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int = 0,
+def create_train_iterator(config: ml_collections.ConfigDict, dataset: Dataset, *, start_step: int = 0,
                           process_index: int | None = None,
                           process_count: int | None = None) -> Iterator[Batch]:
   """Endless iterator of this host's augmented training batches, starting at `start_step`.
 
   Args:
     config: the full config (dataset, train, model for the mean pixel).
+    dataset: `load_dataset(config)`.
     start_step: the first step to produce; the batch for step s is the same whatever the start.
     process_index: this host (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
@@ -293,7 +305,7 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int 
   """
   train = config.train
   rows = _host_rows(train.batch_size, process_index, process_count, 'config.train.batch_size')
-  source = _source(_prepared_builder(config), config.dataset.train_split)
+  source = dataset.source(dataset.train_split)
   num_examples = len(source)
   pad_value = mean_pixel(config.model)
 
@@ -316,7 +328,8 @@ def create_train_iterator(config: ml_collections.ConfigDict, *, start_step: int 
   return _prefetched(jobs(), config.dataset.num_workers, config.dataset.prefetch_batches)
 
 
-def create_eval_iterator(config: ml_collections.ConfigDict, *, process_index: int | None = None,
+def create_eval_iterator(config: ml_collections.ConfigDict, dataset: Dataset, *,
+                         process_index: int | None = None,
                          process_count: int | None = None) -> Iterator[Batch]:
   """One pass over the eval split in order, padded to config.eval.crop_size.
 
@@ -325,18 +338,20 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, process_index: in
 
   Args:
     config: the full config.
+    dataset: `load_dataset(config)`.
     process_index: this host (default `jax.process_index()`).
     process_count: number of hosts (default `jax.process_count()`).
 
   Yields:
     {'image': float32 `[B_local, Hc, Wc, 3]` (mean pixel outside the image),
      'label': int32 `[B_local, Hc, Wc]` (ignore label outside the image),
-     'mask': bool `[B_local]` (False for padding examples)}.
+     'mask': bool `[B_local]` (False for padding examples),
+     'size': int32 `[B_local, 2]` (each image's height and width before padding; 0 for padding examples)}.
   """
   batch_size = config.eval.batch_size
   rows = _host_rows(batch_size, process_index, process_count, 'config.eval.batch_size')
-  source = _source(_prepared_builder(config), config.dataset.eval_split)
-  num_examples = _num_eval(config, source)
+  source = dataset.source(dataset.eval_split)
+  num_examples = dataset.info.num_eval_examples
   crop_size = tuple(config.eval.crop_size)
   pad_value = mean_pixel(config.model)
   ignore_label = config.dataset.ignore_label
@@ -348,8 +363,9 @@ def create_eval_iterator(config: ml_collections.ConfigDict, *, process_index: in
       image_id = ''
     else:
       image, label, image_id = _decode(source[position])
+    size = np.asarray(label.shape, np.int32)
     image, label = pad_for_eval(image, label, crop_size, pad_value, ignore_label, image_id)
-    return {'image': image, 'label': label, 'mask': np.bool_(position < num_examples)}
+    return {'image': image, 'label': label, 'mask': np.bool_(position < num_examples), 'size': size}
 
   num_batches = -(-num_examples // batch_size)
   jobs = ([lambda p=b * batch_size + row: make_example(p) for row in rows] for b in range(num_batches))

@@ -10,15 +10,18 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "deeplab_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import pathlib  # noqa: E402
-
 import pytest  # noqa: E402
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from reference import SHARED_DATA  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: integration tests (whole runs, subprocesses); the quick loop is "
+                          "`python -m pytest -m 'not slow'`, CI runs everything")
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
+def shared_data():
   """The read-only real data folder (`../shared/data` beside the checkout)."""
   if not SHARED_DATA.is_dir():
     pytest.fail(f"Real test data not found at {SHARED_DATA}: the checkout must sit beside shared/.")

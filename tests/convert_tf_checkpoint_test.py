@@ -6,15 +6,16 @@ model and matches every stored array of the official graph to 1e-4 relative. Eve
 must be consumed. The 128x128 folders check the explicit padding of strided convs, the OS8 folder the
 dilated middle flow. The wrong-pairing tests check the error lists the offending names and shapes.
 """
-import importlib.util
 import json
 import pathlib
 import re
 
+import flax
 import jax
 import numpy as np
 import pytest
 
+import reference
 from configs import default
 from deeplab_jax import checkpoint
 from deeplab_jax import convert
@@ -23,32 +24,8 @@ from deeplab_jax.convert import tf_checkpoint
 from deeplab_jax.models import create_model
 import tensorflow as tf  # the `test` extra installs it (writes the checkpoints)
 
-CASES = {
-    'xception_65': dict(backbone='xception_65'),
-    'xception_65_128': dict(backbone='xception_65'),
-    'xception_65_os8': dict(backbone='xception_65', output_stride=8, atrous_rates=(12, 24, 36)),
-    'mobilenet_v2': dict(backbone='mobilenet_v2', atrous_rates=(), decoder_output_stride=0,
-                         aspp_with_separable_conv=False),
-    'mobilenet_v2_128': dict(backbone='mobilenet_v2', atrous_rates=(), decoder_output_stride=0,
-                             aspp_with_separable_conv=False),
-    'resnet_v1_101_beta': dict(backbone='resnet_v1_101_beta', multi_grid=(1, 2, 4)),
-}
-# Folders whose variables are identical (README section 12.2): one checkpoint serves each group.
-VARIABLE_SET = {'xception_65': 'xception_65', 'xception_65_128': 'xception_65',
-                'xception_65_os8': 'xception_65', 'mobilenet_v2': 'mobilenet_v2',
-                'mobilenet_v2_128': 'mobilenet_v2', 'resnet_v1_101_beta': 'resnet_v1_101_beta'}
-
-
-def value_rule(reference: pathlib.Path):
-  spec = importlib.util.spec_from_file_location('value_rule', reference / 'value_rule.py')
-  rule = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(rule)
-  return rule
-
-
-def variable_list(folder: pathlib.Path):
-  rows = [line.split('\t') for line in (folder / 'variables.tsv').read_text().splitlines()[1:]]
-  return [(name, tuple(int(d) for d in shape.split(','))) for name, shape, _ in rows]
+CASES = reference.CASES
+assert_close = reference.assert_close
 
 
 def write_tf_checkpoint(prefix: str, arrays: dict) -> str:
@@ -62,12 +39,10 @@ def write_tf_checkpoint(prefix: str, arrays: dict) -> str:
 @pytest.fixture(scope='session')
 def official_checkpoints(shared_data, tmp_path_factory):
   """{variable set: checkpoint prefix}, each written once per session from the value rule."""
-  reference = shared_data / 'official_tf_reference'
-  rule = value_rule(reference)
   root = tmp_path_factory.mktemp('official_ckpt')
   prefixes = {}
-  for name in sorted(set(VARIABLE_SET.values())):
-    arrays = {v: rule.value_for(v, list(shape)) for v, shape in variable_list(reference / name)}
+  for name in sorted(set(reference.VARIABLE_SET.values())):
+    arrays = dict(reference.tf_arrays(name))
     arrays['global_step'] = np.asarray(30000, np.int64)  # as in the model zoo checkpoints
     prefixes[name] = write_tf_checkpoint(str(root / name / 'model.ckpt-30000'), arrays)
   return prefixes
@@ -81,37 +56,25 @@ def make_config(**overrides):
   return config
 
 
-def assert_close(ours, theirs, name, rtol=1e-4):
-  ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-  assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
-  err, scale = np.max(np.abs(ours - theirs)), np.max(np.abs(theirs))
-  assert err <= rtol * scale, f'{name}: max abs err {err:.3g} vs scale {scale:.3g}'
-
-
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_official_checkpoint_reproduces_official_graph(case, shared_data, official_checkpoints):
-  folder = shared_data / 'official_tf_reference' / case
   config = make_config(**CASES[case])
   variables, report = tf_checkpoint.convert_tf_checkpoint(
-      official_checkpoints[VARIABLE_SET[case]] + '.index', config)
-  names = [name for name, _ in variable_list(folder)]
+      official_checkpoints[reference.VARIABLE_SET[case]] + '.index', config)
+  names = [name for name, _ in reference.variable_list(case)]
   assert sorted(report['loaded']) == sorted(names)  # every variable of the list consumed
   assert report['new'] == [] and report['scope'] == 'all'
   assert report['skipped'] == [('global_step', 'training state, not a weight')]
-
-  model = create_model(config.model)
-  images = np.load(folder / 'input.npy')
-  logits, state = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(variables, images)
-  inter = {k: v[0] for k, v in state['intermediates'].items()}
-  assert_close(inter['backbone_features'], np.load(folder / 'backbone_features.npy'), 'backbone')
-  assert_close(inter['aspp_projection'], np.load(folder / 'aspp_concat_projection.npy'), 'aspp')
-  if (folder / 'decoder_tap.npy').exists():
-    assert_close(inter['decoder_tap'], np.load(folder / 'decoder_tap.npy'), 'decoder_tap')
-  assert_close(inter['logits_small'], np.load(folder / 'logits.npy'), 'logits')
-  size = images.shape[1]
-  assert_close(logits, np.load(folder / f'logits_{size}.npy'), f'logits_{size}')
-  meta = json.loads((folder / 'meta.json').read_text())
-  assert meta['model_options']['output_stride'] == model.output_stride
+  # The converted variables are, array for array, those whose forward pass reproduces the official graph
+  # (computed once per session and shared with official_reference_test).
+  converted = flax.traverse_util.flatten_dict(variables, sep='/')
+  expected = flax.traverse_util.flatten_dict(jax.device_get(reference.reference_variables(case)), sep='/')
+  assert set(converted) == set(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(converted[name], value, err_msg=name)
+  reference.assert_matches_official(case, reference.official_outputs(case, 'grouped'))
+  meta = json.loads((shared_data / 'official_tf_reference' / case / 'meta.json').read_text())
+  assert meta['model_options']['output_stride'] == create_model(config.model).output_stride
 
 
 def test_saved_checkpoint_is_what_init_from_and_eval_read(shared_data, official_checkpoints, tmp_path):
@@ -123,7 +86,7 @@ def test_saved_checkpoint_is_what_init_from_and_eval_read(shared_data, official_
   images = np.load(shared_data / 'official_tf_reference' / 'mobilenet_v2' / 'input.npy')
   fresh = model.init(jax.random.PRNGKey(0), images)
   for scope, loaded in (('all', 272), ('backbone', 255)):
-    variables, load_report = checkpoint.load_pretrained(str(out), fresh, scope)
+    variables, load_report = checkpoint.load_pretrained(str(out), fresh, scope, backbone_scope='MobilenetV2')
     assert len(load_report['loaded']) == loaded and load_report['new'] == []
   variables, _ = checkpoint.load_pretrained(str(out), fresh, 'all')
   assert_close(model.apply(variables, images),
@@ -135,10 +98,7 @@ def test_saved_checkpoint_is_what_init_from_and_eval_read(shared_data, official_
 
 def test_imagenet_backbone_checkpoint_loads_backbone_only(shared_data, tmp_path):
   """An ImageNet checkpoint: backbone + classifier; the classifier is skipped, the heads are left new."""
-  reference = shared_data / 'official_tf_reference'
-  rule = value_rule(reference)
-  arrays = {v: rule.value_for(v, list(s)) for v, s in variable_list(reference / 'mobilenet_v2')
-            if v.startswith('MobilenetV2/')}
+  arrays = {v: a for v, a in reference.tf_arrays('mobilenet_v2').items() if v.startswith('MobilenetV2/')}
   arrays['MobilenetV2/Logits/Conv2d_1c_1x1/weights'] = np.zeros((1, 1, 1280, 1001), np.float32)
   arrays['MobilenetV2/Conv_1/weights'] = np.zeros((1, 1, 320, 1280), np.float32)
   arrays['global_step'] = np.asarray(1, np.int64)

@@ -192,7 +192,7 @@ def _edge_ratio(images, labels):
 
 
 def test_train_iterator_on_real_voc(voc_config):
-  batches = ip.create_train_iterator(voc_config)
+  batches = ip.create_train_iterator(voc_config, ip.load_dataset(voc_config))
   images, labels = [], []
   for _ in range(6):
     batch = next(batches)
@@ -223,7 +223,7 @@ def test_train_iterator_keeps_colour_coded_real_masks_aligned(tmp_path, shared_d
   config = _config(tmp_path, 'folder', manual_dir=str(root), num_classes=21, train_split='train',
                    eval_split='train')
   config.train.crop_size = (161, 161)
-  batches = ip.create_train_iterator(config)
+  batches = ip.create_train_iterator(config, ip.load_dataset(config))
   for _ in range(4):
     batch = next(batches)
     for image, label in zip(batch['image'], batch['label']):
@@ -232,27 +232,30 @@ def test_train_iterator_keeps_colour_coded_real_masks_aligned(tmp_path, shared_d
 
 def test_train_iterator_is_resumable_deterministic_and_host_sharded(tmp_path):
   config = _synthetic_config(tmp_path)
-  first = ip.create_train_iterator(config)
+  dataset = ip.load_dataset(config)
+  first = ip.create_train_iterator(config, dataset)
   run = [next(first) for _ in range(6)]
-  resumed = ip.create_train_iterator(config, start_step=4)
+  resumed = ip.create_train_iterator(config, dataset, start_step=4)
   for step in (4, 5):
     batch = next(resumed)
     for key in ('image', 'label'):
       np.testing.assert_array_equal(batch[key], run[step][key])
   assert not np.array_equal(run[0]['image'], run[1]['image'])
   # Two hosts read disjoint halves of the same global batches.
-  hosts = [ip.create_train_iterator(config, start_step=3, process_index=p, process_count=2) for p in (0, 1)]
+  hosts = [ip.create_train_iterator(config, dataset, start_step=3, process_index=p, process_count=2)
+           for p in (0, 1)]
   halves = [next(h) for h in hosts]
   assert halves[0]['image'].shape[0] == 2
   np.testing.assert_array_equal(np.concatenate([h['label'] for h in halves]), run[3]['label'])
   np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]), run[3]['image'])
   # Threads change nothing; the seed changes everything.
   config.dataset.num_workers = 0
-  np.testing.assert_array_equal(next(ip.create_train_iterator(config, start_step=2))['image'], run[2]['image'])
+  np.testing.assert_array_equal(next(ip.create_train_iterator(config, dataset, start_step=2))['image'],
+                                run[2]['image'])
   config.train.seed = 1
-  assert not np.array_equal(next(ip.create_train_iterator(config))['image'], run[0]['image'])
+  assert not np.array_equal(next(ip.create_train_iterator(config, dataset))['image'], run[0]['image'])
   with pytest.raises(ValueError, match='config.train.batch_size=4 must be divisible'):
-    ip.create_train_iterator(config, process_index=0, process_count=3)
+    ip.create_train_iterator(config, dataset, process_index=0, process_count=3)
 
 
 def test_train_example_index_visits_each_example_once_per_epoch():
@@ -278,8 +281,9 @@ def test_eval_iterator_pads_to_the_crop_and_masks_padding_examples(tmp_path):
   config = _config(tmp_path, 'folder', manual_dir=str(tmp_path / 'data'), num_classes=3, train_split='val',
                    eval_split='val')
   config.eval.crop_size = (8, 8)
-  assert ip.num_eval_examples(config) == 5
-  batches = list(ip.create_eval_iterator(config))
+  dataset = ip.load_dataset(config)
+  assert dataset.info.num_eval_examples == 5
+  batches = list(ip.create_eval_iterator(config, dataset))
   assert len(batches) == 2  # ceil(5 / 4).
   images = np.concatenate([b['image'] for b in batches])
   labels = np.concatenate([b['label'] for b in batches])
@@ -298,30 +302,30 @@ def test_eval_iterator_pads_to_the_crop_and_masks_padding_examples(tmp_path):
   assert sorted(seen) == list(range(5))
   assert np.all(labels[5:] == 255)
   # Two hosts: same number of batches, rows split in order.
-  host1 = list(ip.create_eval_iterator(config, process_index=1, process_count=2))
+  host1 = list(ip.create_eval_iterator(config, dataset, process_index=1, process_count=2))
   assert len(host1) == 2
   np.testing.assert_array_equal(host1[0]['label'], labels[2:4])
   np.testing.assert_array_equal(host1[1]['mask'], [False, False])
   config.eval.num_images = 3
-  assert ip.num_eval_examples(config) == 3
-  assert np.concatenate([b['mask'] for b in ip.create_eval_iterator(config)]).sum() == 3
+  assert ip.load_dataset(config).info.num_eval_examples == 3
+  assert np.concatenate([b['mask'] for b in ip.create_eval_iterator(config, ip.load_dataset(config))]).sum() == 3
   config.eval.crop_size = (7, 7)
   config.eval.num_images = -1
   with pytest.raises(ValueError, match='im1 is 8x3.*raise config.eval.crop_size to at least 8x7'):
-    list(ip.create_eval_iterator(config))
+    list(ip.create_eval_iterator(config, ip.load_dataset(config)))
 
 
-def test_load_dataset_info_and_config_checks(tmp_path):
+def test_load_dataset_and_config_checks(tmp_path):
   config = _synthetic_config(tmp_path)
-  info = ip.load_dataset_info(config)
+  info = ip.load_dataset(config).info
   assert info.num_classes == 4 and info.class_names[0] == 'background' and info.ignore_label == 255
   assert info.num_train_examples == 10 and info.num_eval_examples == 6
   config.dataset.class_names = ('bg', 'a', 'b', 'c')
-  assert ip.load_dataset_info(config).class_names == ('bg', 'a', 'b', 'c')
+  assert ip.load_dataset(config).info.class_names == ('bg', 'a', 'b', 'c')
   config.dataset.ignore_label = 0
   with pytest.raises(ValueError, match='config.dataset.ignore_label'):
-    ip.load_dataset_info(config)
+    ip.load_dataset(config).info
   config.dataset.ignore_label = 255
   config.dataset.eval_split = 'test'
   with pytest.raises(ValueError, match=r"'test'.*available: \['train', 'val'\]"):
-    ip.num_eval_examples(config)
+    ip.load_dataset(config).info.num_eval_examples

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+import tiny_run
 from deeplab_jax import checkpoint
 from deeplab_jax import input_pipeline
 from deeplab_jax import optim
@@ -18,18 +19,7 @@ from deeplab_jax.models import create_model
 
 def tiny_synthetic_config(data_dir: str):
   """configs/tiny.py on 33x33 synthetic scenes (16 train, 8 val) in `data_dir`."""
-  config = tiny.get_config()
-  config.model.depthwise_impl = 'grouped'  # compiles faster than the CPU default; training is the same
-  d = config.dataset
-  d.data_dir = data_dir
-  d.train_split, d.eval_split = 'train', 'val'
-  d.synthetic_image_size, d.synthetic_num_train, d.synthetic_num_val = 33, 16, 8
-  d.num_workers = 0
-  t = config.train
-  t.num_steps, t.log_every_steps, t.checkpoint_every_steps, t.eval_every_steps = 4, 2, 2, 4
-  t.min_scale = t.max_scale = 1.0
-  config.eval.num_images_to_save = 2
-  return config
+  return tiny_run.config(data_dir)
 
 
 @pytest.fixture(scope='module')
@@ -60,7 +50,7 @@ def test_sharded_step_equals_single_device_step():
     mesh = train.create_mesh(devices)
     state = jax.device_put(initial, NamedSharding(mesh, P()))
     step = train.make_train_step(config, model, tx, schedule, mesh)
-    results[len(devices)] = jax.device_get(step(state, train.global_batch(batch, mesh)))
+    results[len(devices)] = jax.device_get(step(state, input_pipeline.shard_batch(batch, mesh)))
   (single, single_metrics), (sharded, sharded_metrics) = results[1], results[8]
   for key in ('loss', 'total_loss', 'pixel_accuracy'):
     np.testing.assert_allclose(sharded_metrics[key], single_metrics[key], rtol=1e-5, atol=1e-5)
@@ -96,7 +86,7 @@ def test_bad_config_names_the_field(field, value, match):
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path, data_dir, monkeypatch):
   config = tiny_synthetic_config(data_dir)
 
-  def nan_batches(config, **kwargs):
+  def nan_batches(config, dataset, **kwargs):
     while True:
       batch = _random_batch(config)
       batch['image'][:] = np.nan
@@ -112,7 +102,7 @@ def test_train_and_evaluate_writes_outputs_and_resumes_exactly(tmp_path, data_di
   config = tiny_synthetic_config(data_dir)
   # Uninterrupted 4 steps, with evaluation at step 4.
   summary = train.train_and_evaluate(config, str(tmp_path / 'full'))
-  assert set(summary['per_class_iou']) == set(input_pipeline.load_dataset_info(config).class_names)
+  assert set(summary['per_class_iou']) == set(input_pipeline.load_dataset(config).info.class_names)
   assert 0.0 <= summary['miou'] <= 1.0 and summary['num_images'] == 8
   full = tmp_path / 'full'
   assert sorted(os.listdir(full / 'checkpoints')) == ['2', '4']
@@ -128,9 +118,9 @@ def test_train_and_evaluate_writes_outputs_and_resumes_exactly(tmp_path, data_di
   real_iterator = input_pipeline.create_train_iterator
   starts = []
 
-  def recording_iterator(config, *, start_step=0, **kwargs):
+  def recording_iterator(config, dataset, *, start_step=0, **kwargs):
     starts.append(start_step)
-    return real_iterator(config, start_step=start_step, **kwargs)
+    return real_iterator(config, dataset, start_step=start_step, **kwargs)
 
   monkeypatch.setattr(input_pipeline, 'create_train_iterator', recording_iterator)
   train.train_and_evaluate(config, str(resumed), run_eval=False)

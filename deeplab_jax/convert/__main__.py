@@ -17,23 +17,26 @@ from ml_collections import config_flags
 from deeplab_jax import convert
 from deeplab_jax.convert import common
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('source', None, 'TF checkpoint (prefix, .index or directory), .tflite, or a PyTorch '
-                    'state dict (.safetensors; .pth with torch installed).')
-config_flags.DEFINE_config_file('config', None, 'Config file of the model the weights are for.',
-                                lock_config=True)
-flags.DEFINE_string('output', None, 'Directory to write the converted checkpoint into (must be new/empty).')
-flags.DEFINE_enum('format', 'auto', list(convert.FORMATS), 'Source format (auto: from the file name).')
-flags.DEFINE_enum('scope', 'auto', list(common.SCOPES),
-                  "'all': every model variable must come from the source; 'backbone': only the backbone "
-                  "(ImageNet checkpoints); 'auto': 'all' if the source has head variables.")
-flags.DEFINE_bool('match_tflite_runtime', False,
-                  'TFLite only: reproduce the official uint8 runtime (its requantization-free resize of the '
-                  'image-pooling branch) instead of what the graph means.')
-flags.mark_flags_as_required(['source', 'config', 'output'])
+
+def define_flags() -> None:
+  """Defines the command-line flags; called only when this module runs as a program."""
+  flags.DEFINE_string('source', None, 'TF checkpoint (prefix, .index or directory), .tflite, or a PyTorch '
+                      'state dict (.safetensors; .pth with torch installed).')
+  config_flags.DEFINE_config_file('config', None, 'Config file of the model the weights are for.',
+                                  lock_config=True)
+  flags.DEFINE_string('output', None, 'Directory to write the converted checkpoint into (must be new/empty).')
+  flags.DEFINE_enum('format', 'auto', list(convert.FORMATS), 'Source format (auto: from the file name).')
+  flags.DEFINE_enum('scope', 'auto', list(common.SCOPES),
+                    "'all': every model variable must come from the source; 'backbone': only the backbone "
+                    "(ImageNet checkpoints); 'auto': 'all' if the source has head variables.")
+  flags.DEFINE_bool('match_tflite_runtime', False,
+                    'TFLite only: reproduce the official uint8 runtime (its requantization-free resize of the '
+                    'image-pooling branch) instead of what the graph means.')
+  flags.mark_flags_as_required(['source', 'config', 'output'])
 
 
 def main(argv):
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
@@ -50,4 +53,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

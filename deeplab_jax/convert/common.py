@@ -10,16 +10,16 @@ or `config.init_from=<output>` (evaluation, prediction) read.
 import json
 import os
 import re
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from deeplab_jax import models
 from deeplab_jax.convert import tf_names
-from deeplab_jax.models import create_model
-from deeplab_jax.models import deeplab
 from deeplab_jax.models import heads
 
 ConversionError = tf_names.ConversionError
@@ -27,40 +27,20 @@ REPORT_FILE = 'conversion_report.json'
 SCOPES = ('auto', 'all', 'backbone')
 
 
-def backbone_scope(model_config: ml_collections.ConfigDict) -> str:
-  """The TF scope of the backbone's variables: `xception_65`, `resnet_v1_101` (also for `_beta`), ..."""
-  backbone = model_config.backbone
-  if backbone.startswith('mobilenet_v2'):
-    return 'MobilenetV2'
-  return backbone.replace('_beta', '')
-
-
 def bn_epsilon(model_config: ml_collections.ConfigDict, tf_scope: str) -> float:
   """The BatchNorm epsilon our model uses for the layer with this TF scope (backbone vs heads differ)."""
-  if tf_scope.startswith(backbone_scope(model_config) + '/'):
-    epsilons = deeplab._BACKBONE_BN_EPSILON  # pylint: disable=protected-access
-    return epsilons[next(f for f in epsilons if model_config.backbone.startswith(f))]
-  return heads.HEAD_BN.epsilon
+  spec = models.backbone_spec(model_config)
+  return spec.bn_epsilon if tf_scope.startswith(spec.scope + '/') else heads.HEAD_BN.epsilon
 
 
 def target_variables(model_config: ml_collections.ConfigDict) -> dict:
   """`{'params', 'batch_stats'}` of `ShapeDtypeStruct`s for this model (no compilation, no weights)."""
-  model = create_model(model_config)
+  model = models.create_model(model_config)
   size = 4 * model.output_stride + 1
   images = jnp.zeros((1, size, size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)},
                                              images, train=False))
   return {'params': shapes['params'], 'batch_stats': shapes.get('batch_stats', {})}
-
-
-def _nest(flat: Mapping[Tuple[str, ...], np.ndarray]) -> dict:
-  tree = {}
-  for key, value in flat.items():
-    node = tree
-    for k in key[:-1]:
-      node = node.setdefault(k, {})
-    node[key[-1]] = value
-  return tree
 
 
 def assign(tf_arrays: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict,
@@ -84,7 +64,7 @@ def assign(tf_arrays: Mapping[str, np.ndarray], model_config: ml_collections.Con
   """
   if scope not in SCOPES:
     raise ValueError(f'scope={scope!r} is not one of {SCOPES}.')
-  prefix = backbone_scope(model_config) + '/'
+  prefix = models.backbone_scope(model_config) + '/'
   if scope == 'auto':
     has_head = any(not name.startswith(prefix) and not tf_names.IGNORED_TF_VARIABLES.search(name)
                    for name in tf_arrays)
@@ -92,15 +72,13 @@ def assign(tf_arrays: Mapping[str, np.ndarray], model_config: ml_collections.Con
   target = target_variables(model_config)
   prefix_filter = None if scope == 'all' else (lambda path: path.startswith(prefix))
   assigned, report = tf_names.assign_tf_arrays(tf_arrays, target, prefix_filter=prefix_filter)
-  keys = tf_names.flat_variables(target)
-  flat_assigned = {(c, '/'.join(k)): v for c in ('params', 'batch_stats')
-                   for k, v in _flatten(assigned.get(c, {})).items()}
-  variables = {'params': {}, 'batch_stats': {}}
-  for name in report['loaded']:
-    collection, path, _ = tf_names.tf_to_ours(name)
-    key = keys[(collection, path)][0]
-    variables[collection][key] = np.asarray(flat_assigned[(collection, path)], np.float32)
-  variables = {c: _nest(v) for c, v in variables.items()}
+  # Keep exactly the loaded arrays (scope 'backbone' leaves the heads out), on the model's own key tuples:
+  # module names hold '/', so names are compared joined but never split.
+  loaded = {tf_names.tf_to_ours(name)[:2] for name in report['loaded']}
+  variables = {c: flax.traverse_util.unflatten_dict({
+      key: np.asarray(value, np.float32)
+      for key, value in flax.traverse_util.flatten_dict(assigned.get(c, {})).items()
+      if (c, '/'.join(key)) in loaded}) for c in ('params', 'batch_stats')}
   ignored = sorted(n for n in tf_arrays if tf_names.IGNORED_TF_VARIABLES.search(n))
   report = {
       'scope': scope,
@@ -110,16 +88,6 @@ def assign(tf_arrays: Mapping[str, np.ndarray], model_config: ml_collections.Con
       'new': list(report['new']),
   }
   return variables, report
-
-
-def _flatten(tree: Mapping) -> Dict[Tuple[str, ...], np.ndarray]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update({(key,) + k: v for k, v in _flatten(value).items()})
-    else:
-      out[(key,)] = value
-  return out
 
 
 def format_report(report: dict, limit: int = 8) -> str:

@@ -28,8 +28,9 @@ from typing import Dict, List, Tuple
 import ml_collections
 import numpy as np
 
+from deeplab_jax import models
 from deeplab_jax.convert import common
-from deeplab_jax.models import deeplab
+from deeplab_jax.models import resnet
 from deeplab_jax.models import xception
 
 ConversionError = common.ConversionError
@@ -41,15 +42,41 @@ LAYOUTS = ('timm_xception', 'torchvision_resnet', 'torchvision_mobilenet_v2')
 
 
 def load_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """`{key: float32 array}` from `.safetensors` (needs `safetensors`) or `.pth`/`.pt`/`.bin` (needs torch)."""
+  """`{key: float32 array}` from `.safetensors` (needs `safetensors`) or `.pth`/`.pt`/`.bin` (needs torch).
+
+  The file's first bytes are checked before any reader is imported, so that a damaged or foreign file is
+  reported as such (naming it) rather than as a missing package.
+
+  Raises:
+    ConversionError: naming `path`, for an empty, truncated or foreign file, or a missing reader package.
+  """
+  with open(path, 'rb') as f:
+    head = f.read(16)
+    size = f.seek(0, 2)
+  if not size:
+    raise ConversionError(f'{path} is empty (0 bytes): not a PyTorch state dict. Download it again.')
   if path.endswith('.safetensors'):
+    # safetensors: a little-endian uint64 header length, then that many bytes of JSON starting with '{'.
+    header_length = int.from_bytes(head[:8], 'little') if len(head) >= 8 else -1
+    if not 0 < header_length <= size - 8 or head[8:9] != b'{':
+      raise ConversionError(f'{path} is not a safetensors file, or is truncated ({size} bytes, starting '
+                            f'{head[:8]!r}). Download it again.')
     try:
       from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ConversionError('Reading .safetensors needs the safetensors package: '
                             'pip install "deeplab_jax[pytorch]".') from e
-    state = load_file(path)
+    try:
+      state = load_file(path)
+    except Exception as e:  # safetensors raises SafetensorError (and others) for damaged files.
+      raise ConversionError(f'{path} is a damaged or truncated safetensors file ({type(e).__name__}: '
+                            f'{" ".join(str(e).split())}). Download it again.') from e
   else:
+    # torch.save writes a zip archive ('PK'); the legacy format starts with a pickle protocol byte (0x80).
+    if not (head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'):
+      raise ConversionError(f'{path} is not a PyTorch state dict: torch.save files start with a zip ("PK") '
+                            f'or pickle (0x80) header, this one with {head[:8]!r} ({size} bytes). Pass a '
+                            '.pth/.bin written by torch.save, or a .safetensors file.')
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
@@ -57,10 +84,17 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
           f'Reading {path} (a pickled PyTorch state dict) needs torch, which is not installed. Install '
           'torch, or convert the file to safetensors where torch is available: '
           '`safetensors.torch.save_file(torch.load(path), "weights.safetensors")`.') from e
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+      state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damaged files.
+      raise ConversionError(f'{path} cannot be loaded by torch.load ({type(e).__name__}: '
+                            f'{" ".join(str(e).split())[:300]}): truncated, damaged, or not a state dict of '
+                            'tensors.') from e
     for wrapper in ('state_dict', 'model', 'model_state'):
       if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
         state = state[wrapper]
+    if not isinstance(state, dict):
+      raise ConversionError(f'{path} holds a {type(state).__name__}, not a state dict (a dict of tensors).')
     state = {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, 'detach')}
   # DataParallel / DDP checkpoints prefix every key with `module.`.
   return {re.sub(r'^module\.', '', k): np.asarray(v) for k, v in state.items()}
@@ -128,22 +162,19 @@ class _Mapper:
     self.arrays[f'{tf_scope}/BatchNorm/moving_mean'] = (mean - shift).astype(np.float32)
 
 
-def _xception_units(variant: str) -> List[str]:
-  return [f'{scope}/unit_{u + 1}' for scope, _, _, _, units, _ in xception.BLOCKS[variant]
-          for u in range(units)]
-
-
 def _map_timm_xception(state, model_config) -> Tuple[_Mapper, List[str]]:
   variant = model_config.backbone
-  if variant not in xception.BLOCKS:
-    raise ConversionError(f'A timm xception state dict needs config.model.backbone in '
-                          f'{tuple(xception.BLOCKS)}, not {variant!r}.')
-  eps = deeplab._BACKBONE_BN_EPSILON['xception']  # pylint: disable=protected-access
-  m = _Mapper(state, TIMM_XCEPTION_BN_EPSILON, eps)
+  spec = models.backbone_spec(model_config)
+  if spec.module is not xception.Xception:
+    xceptions = tuple(name for name in models.backbones.names()
+                      if models.backbones.get(name).module is xception.Xception)
+    raise ConversionError(f'A timm xception state dict needs config.model.backbone in {xceptions}, not '
+                          f'{variant!r}.')
+  m = _Mapper(state, TIMM_XCEPTION_BN_EPSILON, spec.bn_epsilon)
   for i, name in enumerate(('conv1_1', 'conv1_2')):
     m.conv(f'stem.{i}.conv', f'{variant}/entry_flow/{name}')
     m.bn(f'stem.{i}.bn', f'{variant}/entry_flow/{name}')
-  units = _xception_units(variant)
+  units = xception.unit_scopes(spec.variant['blocks'])
   num_blocks = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
   if num_blocks != len(units):
     raise ConversionError(f'The timm state dict has {num_blocks} Xception blocks; {variant} has '
@@ -162,12 +193,15 @@ def _map_timm_xception(state, model_config) -> Tuple[_Mapper, List[str]]:
 
 
 def _map_torchvision_resnet(state, model_config) -> Tuple[_Mapper, List[str]]:
-  backbone = model_config.backbone
-  if backbone not in ('resnet_v1_50', 'resnet_v1_101'):
-    raise ConversionError(f'A torchvision ResNet (7x7 stem) needs config.model.backbone resnet_v1_50 or '
-                          f'resnet_v1_101, not {backbone!r}.')
-  eps = deeplab._BACKBONE_BN_EPSILON['resnet']  # pylint: disable=protected-access
-  m = _Mapper(state, TORCHVISION_BN_EPSILON, eps)
+  spec = models.backbone_spec(model_config)
+  if spec.module is not resnet.ResNet or spec.variant['beta']:
+    stems = tuple(name for name in models.backbones.names()
+                  if models.backbones.get(name).module is resnet.ResNet
+                  and not models.backbones.get(name).variant['beta'])
+    raise ConversionError(f'A torchvision ResNet (7x7 stem) needs config.model.backbone in {stems}, not '
+                          f'{model_config.backbone!r}.')
+  backbone = spec.scope
+  m = _Mapper(state, TORCHVISION_BN_EPSILON, spec.bn_epsilon)
   m.conv('conv1', f'{backbone}/conv1')
   m.bn('bn1', f'{backbone}/conv1')
   for layer in (1, 2, 3, 4):
@@ -181,7 +215,7 @@ def _map_torchvision_resnet(state, model_config) -> Tuple[_Mapper, List[str]]:
         m.conv(f'layer{layer}.{j}.downsample.0', f'{scope}/shortcut')
         m.bn(f'layer{layer}.{j}.downsample.1', f'{scope}/shortcut')
   # torchvision takes (x/255 - mean)/std; ours takes x - mean_pixel (0..255).
-  ours = np.asarray(deeplab.mean_pixel(model_config), np.float64)
+  ours = np.asarray(models.mean_pixel(model_config), np.float64)
   mean, std = np.asarray(TORCHVISION_MEAN), np.asarray(TORCHVISION_STD)
   m.fold_input_normalization(f'{backbone}/conv1', 1.0 / (255.0 * std), (ours - 255.0 * mean) / (255.0 * std))
   return m, ['torchvision ResNet is v1.5 (stride in the first unit of each stage); ours is slim resnet_v1 '
@@ -194,8 +228,7 @@ def _map_torchvision_mobilenet_v2(state, model_config) -> Tuple[_Mapper, List[st
     raise ConversionError('A torchvision MobileNetV2 (width 1.0) needs config.model.backbone=mobilenet_v2 '
                           f'and depth_multiplier=1.0, not {model_config.backbone!r} '
                           f'x{model_config.depth_multiplier}.')
-  eps = deeplab._BACKBONE_BN_EPSILON['mobilenet_v2']  # pylint: disable=protected-access
-  m = _Mapper(state, TORCHVISION_BN_EPSILON, eps)
+  m = _Mapper(state, TORCHVISION_BN_EPSILON, models.backbone_spec(model_config).bn_epsilon)
   m.conv('features.0.0', 'MobilenetV2/Conv')
   m.bn('features.0.1', 'MobilenetV2/Conv')
   m.depthwise('features.1.conv.0.0', 'MobilenetV2/expanded_conv/depthwise')

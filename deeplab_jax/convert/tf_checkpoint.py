@@ -15,12 +15,10 @@ from typing import Dict, List, Tuple
 import ml_collections
 import numpy as np
 
+from deeplab_jax import models
 from deeplab_jax.convert import common
 
 ConversionError = common.ConversionError
-# ImageNet classifier layers of the backbone checkpoints; DeepLab builds the backbones without them.
-IMAGENET_CLASSIFIER = re.compile(
-    r'^((xception_\d+|resnet_v1_\d+)/logits/|MobilenetV2/(Conv_1|Logits)/|vgg_16/fc8/)')
 
 
 def checkpoint_prefix(path: str) -> str:
@@ -60,11 +58,13 @@ def read_tf_checkpoint(path: str) -> Dict[str, np.ndarray]:
           for name in sorted(reader.get_variable_to_shape_map())}
 
 
-def split_classifier(tf_arrays: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], List]:
-  """Sets the ImageNet classifier variables aside: `(remaining arrays, [(name, reason)])`."""
+def split_classifier(tf_arrays: Dict[str, np.ndarray], model_config: ml_collections.ConfigDict
+                     ) -> Tuple[Dict[str, np.ndarray], List]:
+  """Sets the backbone's ImageNet classifier variables aside: `(remaining arrays, [(name, reason)])`."""
+  spec = models.backbone_spec(model_config)
   kept, skipped = {}, []
   for name, value in tf_arrays.items():
-    if IMAGENET_CLASSIFIER.match(name):
+    if spec.is_imagenet_classifier(name):
       skipped.append((name, 'ImageNet classifier, not part of DeepLab'))
     else:
       kept[name] = value
@@ -74,7 +74,7 @@ def split_classifier(tf_arrays: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.nda
 def convert_tf_checkpoint(path: str, config: ml_collections.ConfigDict, scope: str = 'auto'
                           ) -> Tuple[dict, dict]:
   """Reads a TF checkpoint and returns `(variables, report)` for `config.model` (see `common.assign`)."""
-  arrays, skipped = split_classifier(read_tf_checkpoint(path))
+  arrays, skipped = split_classifier(read_tf_checkpoint(path), config.model)
   variables, report = common.assign(arrays, config.model, scope, skipped)
   report.update(format='tf_checkpoint', source=checkpoint_prefix(path))
   return variables, report

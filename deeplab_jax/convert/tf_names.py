@@ -12,7 +12,7 @@ leaves, moves the ASPP scopes under `aspp/`, and transposes depthwise kernels:
   image_pooling, aspp<i>[_depthwise|_pointwise], concat_projection  ->  aspp/<same>
 """
 import re
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import flax
 import numpy as np
@@ -48,13 +48,11 @@ def tf_to_ours(tf_name: str) -> Tuple[str, str, Callable[[np.ndarray], np.ndarra
   return collection, f'{scope}/{our_leaf}', transform
 
 
-def flat_variables(variables: Mapping) -> Dict[Tuple[str, str], Tuple[Tuple[str, ...], tuple]]:
-  """{(collection, '/'-joined path): (key tuple, shape)} of a variables pytree (arrays or shapes)."""
-  out = {}
-  for collection in ('params', 'batch_stats'):
-    for key, leaf in flax.traverse_util.flatten_dict(dict(variables.get(collection, {}))).items():
-      out[(collection, '/'.join(key))] = (key, tuple(leaf.shape))
-  return out
+def flat_variables(variables: Mapping) -> Dict[Tuple[str, str], Any]:
+  """{(collection, '/'-joined path): leaf} of a variables pytree (arrays or shapes)."""
+  return {(collection, path): leaf for collection in ('params', 'batch_stats')
+          for path, leaf in flax.traverse_util.flatten_dict(dict(variables.get(collection, {})),
+                                                            sep='/').items()}
 
 
 def _count_by_scope(names: List[str]) -> str:
@@ -84,10 +82,8 @@ def assign_tf_arrays(tf_arrays: Mapping[str, np.ndarray], target_variables: Mapp
     ConversionError: listing unmapped TF names, shape mismatches, and (without `prefix_filter`) our
       variables the checkpoint does not provide.
   """
-  targets = flat_variables(target_variables)
-  flat = {c_p: np.asarray(leaf) for c_p, leaf in (
-      ((c, '/'.join(k)), v) for c in ('params', 'batch_stats')
-      for k, v in flax.traverse_util.flatten_dict(dict(target_variables.get(c, {}))).items())}
+  targets = {key: tuple(leaf.shape) for key, leaf in flat_variables(target_variables).items()}
+  flat = {key: np.asarray(leaf) for key, leaf in flat_variables(target_variables).items()}
   report = {'loaded': [], 'skipped': [], 'new': []}
   unmapped, mismatched, used, seen_with_other_shape = [], [], set(), set()
   for tf_name, array in sorted(tf_arrays.items()):
@@ -105,7 +101,7 @@ def assign_tf_arrays(tf_arrays: Mapping[str, np.ndarray], target_variables: Mapp
       report['skipped'].append(tf_name)
       continue
     value = transform(np.asarray(array))
-    expected = targets[(collection, path)][1]
+    expected = targets[(collection, path)]
     if tuple(value.shape) != expected:
       mismatched.append(f'{tf_name}: checkpoint {tuple(np.shape(array))} -> ours {path} {expected}')
       seen_with_other_shape.add((collection, path))
@@ -132,12 +128,8 @@ def assign_tf_arrays(tf_arrays: Mapping[str, np.ndarray], target_variables: Mapp
   if problems:
     raise ConversionError('Checkpoint does not match the model config (wrong --config for this '
                           'checkpoint?).\n' + '\n'.join(problems))
-  variables = {}
-  for (collection, path), value in flat.items():
-    key = targets[(collection, path)][0]
-    variables.setdefault(collection, {})
-    node = variables[collection]
-    for k in key[:-1]:
-      node = node.setdefault(k, {})
-    node[key[-1]] = value
+  # Module names hold '/' (TF scopes), so rebuild the tree on the target's own keys, not by splitting names.
+  variables = {c: flax.traverse_util.path_aware_map(lambda key, _, c=c: flat[(c, '/'.join(key))],
+                                                    dict(target_variables[c]))
+               for c in ('params', 'batch_stats') if c in target_variables}
   return variables, report

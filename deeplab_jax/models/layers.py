@@ -62,6 +62,46 @@ def resize_bilinear(x: Array, size: Sequence[int]) -> Array:
   return jnp.einsum('pw,bowc->bopc', ww, x)
 
 
+def atrous_schedule(strides: Sequence[int], output_stride: Optional[int], start_stride: int = 1,
+                    network: str = 'this backbone') -> list:
+  """(stride, rate) of each unit after the atrous conversion (official `stack_blocks_dense`).
+
+  Units run at their nominal stride until the running stride reaches `output_stride`; from then on they run
+  at stride 1 and the rate is multiplied by each stride they skip, so the receptive field is kept and the
+  parameters are unchanged. The rate returned is the one in effect at the unit (before its own stride is
+  folded in).
+
+  Args:
+    strides: nominal stride of every unit, in order.
+    output_stride: the target stride of the last feature map, or None for no conversion.
+    start_stride: the running stride before the first unit (e.g. 2 after a strided stem).
+    network: the backbone's name, for errors.
+
+  Returns:
+    `[(stride, rate)]`, one pair per unit.
+
+  Raises:
+    ValueError: if `output_stride` is not the running stride at some unit boundary.
+  """
+  current, rate, schedule = start_stride, 1, []
+  for stride in strides:
+    if output_stride is not None and current > output_stride:
+      break
+    if output_stride is not None and current == output_stride:
+      schedule.append((1, rate))
+      rate *= stride
+    else:
+      schedule.append((stride, 1))
+      current *= stride
+  if output_stride is not None and current != output_stride:
+    reachable = [start_stride]
+    for stride in strides:
+      reachable.append(reachable[-1] * stride)
+    raise ValueError(f'output_stride={output_stride} cannot be reached by {network}; allowed: '
+                     f'{sorted(set(reachable))}.')
+  return schedule
+
+
 def explicit_pads(kernel_size: int, rate: int = 1) -> Tuple[int, int]:
   """(before, after) padding of TF `conv2d_same`/`fixed_padding` for a strided 'VALID' conv.
 
@@ -207,12 +247,3 @@ relu6 = jax.nn.relu6
 def max_pool(x: Array, window: int, stride: int, padding) -> Array:
   """Max pooling; padding 'SAME' or explicit pairs (pads with -inf)."""
   return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
-
-
-def compute_dtype(name: str):
-  """'float32' | 'bfloat16' -> jnp dtype, with a clear error for anything else."""
-  table = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-  if name not in table:
-    raise ValueError(f'config.model.dtype={name!r} is not one of {tuple(table)}.')
-  return table[name]
-

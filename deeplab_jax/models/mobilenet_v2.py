@@ -5,12 +5,13 @@ and epsilon 1e-3. Channel counts follow slim's `_make_divisible` with `divisible
 multiplier 1.0 and `divisible_by=1, min_depth=1` otherwise (official `feature_extractor._mobilenet_v2`);
 expansion sizes are always rounded to multiples of 8. The last 1x1 conv to 1280 channels is not built.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deeplab_jax.models import backbones
 from deeplab_jax.models import layers
 
 Array = jax.Array
@@ -24,9 +25,6 @@ _V2_DEF = ((16, 1, 1),
            (160, 2, 6), (160, 1, 6), (160, 1, 6),
            (320, 1, 6))
 
-# Decoder end points by stride (official: `layer_4/depthwise_output` etc.; layer_k is expanded_conv_{k-2}).
-DECODER_END_POINTS = {4: 'expanded_conv_2', 8: 'expanded_conv_5', 16: 'expanded_conv_12'}
-
 
 def make_divisible(value: float, divisor: int, min_value: Optional[int] = None) -> int:
   """slim's `_make_divisible`: round to a multiple of `divisor`, never below 90% of `value`."""
@@ -38,23 +36,17 @@ def make_divisible(value: float, divisor: int, min_value: Optional[int] = None) 
 
 
 def layer_schedule(depth_multiplier: float, output_stride: Optional[int]):
-  """Yields (scope, in_expansion_factor, num_outputs, stride, rate) for the 17 expanded convs."""
+  """(scope, expansion factor, num_outputs, stride, rate) of the 17 expanded convs after atrous conversion.
+
+  `output_stride=None` keeps the nominal strides (output stride 32).
+  """
   divisible_by, min_depth = (8, 8) if depth_multiplier == 1.0 else (1, 1)
-  current_stride, rate = 2, 1  # after `Conv` (stride 2)
-  schedule = []
-  for i, (outputs, stride, expansion) in enumerate(_V2_DEF):
-    scope = 'expanded_conv' if i == 0 else f'expanded_conv_{i}'
-    num_outputs = make_divisible(outputs * depth_multiplier, divisible_by, min_depth)
-    if output_stride is not None and current_stride == output_stride:
-      schedule.append((scope, expansion, num_outputs, 1, rate))
-      rate *= stride
-    else:
-      schedule.append((scope, expansion, num_outputs, stride, 1))
-      current_stride *= stride
-  if output_stride is not None and current_stride != output_stride:
-    raise ValueError(f'output_stride={output_stride} cannot be reached by MobileNetV2 '
-                     '(allowed: 8, 16, 32).')
-  return schedule
+  # `Conv` (stride 2) comes first.
+  schedule = layers.atrous_schedule([stride for _, stride, _ in _V2_DEF], output_stride, start_stride=2,
+                                    network='MobileNetV2')
+  return [('expanded_conv' if i == 0 else f'expanded_conv_{i}', expansion,
+           make_divisible(outputs * depth_multiplier, divisible_by, min_depth), stride, rate)
+          for i, ((outputs, _, expansion), (stride, rate)) in enumerate(zip(_V2_DEF, schedule))]
 
 
 def stem_depth(depth_multiplier: float) -> int:
@@ -93,28 +85,29 @@ class ExpandedConv(nn.Module):
     return net, depthwise_output
 
 
-class MobileNetV2(nn.Module):
-  """MobileNetV2 backbone, TF scope `MobilenetV2`. Returns `{'out': layer_18, 'low_level': ...}`."""
-  depth_multiplier: float = 1.0
-  output_stride: int = 16
-  low_level_stride: int = 4
-  bn: layers.BNConfig = layers.BNConfig(0.997, 1e-3)
-  depthwise_impl: str = 'auto'
-  dtype: Any = jnp.float32
-  remat: bool = False
+class MobileNetV2(backbones.Backbone):
+  """MobileNetV2 backbone, TF scope `MobilenetV2`.
+
+  Returns `Features(out = layer_18, end_points)`; each expanded conv's end point is its depthwise output
+  (official `layer_<k>/depthwise_output`; layer_k is expanded_conv_{k-2}).
+  """
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Dict[str, Array]:
+  def __call__(self, x: Array, train: bool = False) -> backbones.Features:
     x = layers.conv_bn(x, stem_depth(self.depth_multiplier), 3, name='Conv', stride=2,
                        padding='SAME', activation=layers.relu6, train=train, bn=self.bn,
                        dtype=self.dtype)
-    block_cls = nn.remat(ExpandedConv) if self.remat else ExpandedConv
-    tap_scope = DECODER_END_POINTS.get(self.low_level_stride)
-    low_level = None
+    block_cls = self.unit(ExpandedConv)
+    end_points = {}
     for scope, expansion, outputs, stride, rate in layer_schedule(self.depth_multiplier,
                                                                   self.output_stride):
-      x, depthwise_output = block_cls(expansion, outputs, stride, rate, train, self.bn,
-                                      self.depthwise_impl, self.dtype, name=scope)(x)
-      if scope == tap_scope:
-        low_level = depthwise_output
-    return {'out': x, 'low_level': low_level}
+      x, end_points[scope] = block_cls(expansion, outputs, stride, rate, train, self.bn,
+                                       self.depthwise_impl, self.dtype, name=scope)(x)
+    return backbones.Features(x, end_points)
+
+
+backbones.register(backbones.BackboneSpec(
+    name='mobilenet_v2', module=MobileNetV2, scope='MobilenetV2', variant={}, bn_decay=0.997,
+    bn_epsilon=1e-3, preprocessing='inception',
+    decoder_end_points={4: 'expanded_conv_2', 8: 'expanded_conv_5', 16: 'expanded_conv_12'},
+    imagenet_classifier=r'^MobilenetV2/(Conv_1|Logits)/', depth_multiplier=True))

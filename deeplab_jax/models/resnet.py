@@ -4,48 +4,34 @@
 3x3 conv (slim resnet_v1 layout); block4 has three units whose rates are the multi-grid rates. Strided convs
 pad explicitly (`conv2d_same`); the identity shortcut of a strided unit is a 1x1 subsample.
 """
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deeplab_jax.models import backbones
 from deeplab_jax.models import layers
 
 Array = jax.Array
 
-_UNITS = {'resnet_v1_50': (3, 4, 6), 'resnet_v1_101': (3, 4, 23)}
 
-DECODER_END_POINTS = {
-    'resnet_v1_50': {4: 'block1/unit_2', 8: 'block2/unit_3', 16: 'block3/unit_5'},
-    'resnet_v1_101': {4: 'block1/unit_2', 8: 'block2/unit_3', 16: 'block3/unit_22'},
-}
+def unit_schedule(units_per_block: Tuple[int, int, int], output_stride: int, multi_grid=(1, 1, 1),
+                  network: str = 'resnet'):
+  """(unit_scope, depth, depth_bottleneck, stride, rate) of every unit after the atrous conversion.
 
-
-def unit_schedule(depth: str, output_stride: int, multi_grid=(1, 1, 1)):
-  """Yields (unit_scope, depth, depth_bottleneck, stride, rate) after the atrous conversion."""
-  if output_stride % 4:
-    raise ValueError(f'output_stride={output_stride} must be a multiple of 4 for ResNet.')
-  target = output_stride // 4  # conv1 and pool1 give stride 4
-  blocks = []
-  for b, (base, units) in enumerate(zip((64, 128, 256), _UNITS[depth])):
-    blocks.append([(f'block{b + 1}/unit_{u + 1}', base * 4, base, 2 if u == units - 1 else 1, 1)
-                   for u in range(units)])
-  blocks.append([(f'block4/unit_{u + 1}', 2048, 512, 1, r) for u, r in enumerate(multi_grid)])
-  current_stride, rate, schedule = 1, 1, []
-  for block in blocks:
-    for scope, d, db, stride, unit_rate in block:
-      if current_stride > target:
-        raise ValueError(f'output_stride={output_stride} cannot be reached by {depth}.')
-      if current_stride == target:
-        schedule.append((scope, d, db, 1, rate * unit_rate))
-        rate *= stride
-      else:
-        schedule.append((scope, d, db, stride, unit_rate))
-        current_stride *= stride
-  if current_stride != target:
-    raise ValueError(f'output_stride={output_stride} cannot be reached by {depth}.')
-  return schedule
+  Blocks 1-3 stride in their last unit; block4 has one unit per multi-grid rate, each multiplying the
+  block's atrous rate by its own.
+  """
+  units = []
+  for b, (base, num_units) in enumerate(zip((64, 128, 256), units_per_block)):
+    units += [(f'block{b + 1}/unit_{u + 1}', base * 4, base, 2 if u == num_units - 1 else 1, 1)
+              for u in range(num_units)]
+  units += [(f'block4/unit_{u + 1}', 2048, 512, 1, r) for u, r in enumerate(multi_grid)]
+  # conv1 and pool1 give stride 4.
+  schedule = layers.atrous_schedule([u[3] for u in units], output_stride, start_stride=4, network=network)
+  return [(scope, d, db, stride, rate * unit_rate)
+          for (scope, d, db, _, unit_rate), (stride, rate) in zip(units, schedule)]
 
 
 class Bottleneck(nn.Module):
@@ -73,38 +59,46 @@ class Bottleneck(nn.Module):
     return nn.relu(shortcut + residual), residual
 
 
-class ResNet(nn.Module):
+class ResNet(backbones.Backbone):
   """ResNet-v1 backbone named by its TF scope (`resnet_v1_101` also for the beta variant).
 
-  Returns `{'out': [B, H/os, W/os, 2048], 'low_level': conv3 BN output of the decoder end point}`.
+  Returns `Features(out [B, H/os, W/os, 2048], end_points)`; each unit's end point is its conv3 BN output
+  (the official decoder taps).
   """
-  depth: str = 'resnet_v1_101'
-  beta: bool = True
-  output_stride: int = 16
-  multi_grid: Tuple[int, ...] = (1, 2, 4)
-  low_level_stride: int = 4
-  bn: layers.BNConfig = layers.BNConfig(0.95, 1e-5)
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Dict[str, Array]:
-    if self.depth not in _UNITS:
-      raise ValueError(f'Unknown ResNet depth {self.depth!r}; expected one of {tuple(_UNITS)}.')
+  def __call__(self, x: Array, train: bool = False) -> backbones.Features:
     kw = dict(train=train, bn=self.bn, dtype=self.dtype)
-    if self.beta:
+    if self.spec.variant['beta']:
       x = layers.conv_bn(x, 64, 3, name='conv1_1', stride=2, padding='EXPLICIT', **kw)
       x = layers.conv_bn(x, 64, 3, name='conv1_2', padding='EXPLICIT', **kw)
       x = layers.conv_bn(x, 128, 3, name='conv1_3', padding='EXPLICIT', **kw)
     else:
       x = layers.conv_bn(x, 64, 7, name='conv1', stride=2, padding='EXPLICIT', **kw)
     x = layers.max_pool(x, 3, 2, 'SAME')
-    tap_unit = DECODER_END_POINTS[self.depth].get(self.low_level_stride)
-    unit_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
-    low_level = None
-    for scope, d, db, stride, rate in unit_schedule(self.depth, self.output_stride, self.multi_grid):
-      x, residual = unit_cls(d, db, stride, rate, train, self.bn, self.dtype,
-                             name=f'{scope}/bottleneck_v1')(x)
-      if scope == tap_unit:
-        low_level = residual
-    return {'out': x, 'low_level': low_level}
+    unit_cls = self.unit(Bottleneck)
+    end_points = {}
+    for scope, d, db, stride, rate in unit_schedule(self.spec.variant['units'], self.output_stride,
+                                                    self.multi_grid, self.spec.name):
+      x, end_points[scope] = unit_cls(d, db, stride, rate, train, self.bn, self.dtype,
+                                      name=f'{scope}/bottleneck_v1')(x)
+    return backbones.Features(x, end_points)
+
+
+def register(depth: int, units: Tuple[int, int, int], beta: bool) -> None:
+  """Registers `resnet_v1_<depth>[_beta]` with `units` bottlenecks in blocks 1-3 (block4 has the multi-grid)."""
+  scope = f'resnet_v1_{depth}'
+  backbones.register(backbones.BackboneSpec(
+      name=scope + ('_beta' if beta else ''), module=ResNet, scope=scope,
+      variant={'units': units, 'beta': beta}, bn_decay=0.95, bn_epsilon=1e-5,
+      # The original ResNets take ImageNet-mean-subtracted pixels; the `_beta` checkpoints x*2/255-1.
+      preprocessing='inception' if beta else 'mean_subtraction',
+      # The unit before each block's strided last unit (official `networks_to_feature_maps`).
+      decoder_end_points={4 * 2**b: f'block{b + 1}/unit_{units[b] - 1}' for b in range(3)},
+      imagenet_classifier=rf'^{scope}/logits/', multi_grid=True))
+
+
+register(50, (3, 4, 6), beta=False)
+register(50, (3, 4, 6), beta=True)
+register(101, (3, 4, 23), beta=False)
+register(101, (3, 4, 23), beta=True)

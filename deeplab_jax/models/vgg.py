@@ -2,15 +2,16 @@
 
 conv1_1 ... conv5_3 (3x3, ReLU, biases, no BatchNorm); pool1..pool5 are 3x3 max pools with padding 1. At the
 nominal output stride 8, pool4 and pool5 have stride 1 and conv5_x runs at rate 2 (the 'hole' algorithm);
-other output strides follow the same atrous rule as the other backbones: a pool that would overshoot the
-target stride runs at stride 1 and multiplies the rate of everything after it.
+other output strides follow the same atrous rule as the other backbones (`layers.atrous_schedule`): a pool
+that would overshoot the target stride runs at stride 1 and multiplies the rate of everything after it.
 """
-from typing import Any, Dict
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deeplab_jax.models import backbones
 from deeplab_jax.models import layers
 
 Array = jax.Array
@@ -18,33 +19,42 @@ Array = jax.Array
 _STAGES = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 
 
-class VGG16(nn.Module):
-  """VGG-16 trunk, scope `vgg_16`. Returns `{'out': pool5 features, 'low_level': pool2}`.
+class VGGStage(nn.Module):
+  """conv<s>_1 .. conv<s>_n (3x3 at `rate`, ReLU) then pool<s> (3x3, `pool_stride`, pad 1); scope `conv<s>`."""
+  stage: int
+  features: int
+  num_convs: int
+  rate: int
+  pool_stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    for i in range(1, self.num_convs + 1):
+      x = nn.relu(layers.conv(x, self.features, 3, name=f'conv{self.stage}_{i}', rate=self.rate,
+                              use_bias=True, dtype=self.dtype))
+    # DeepLab keeps a converted pool as 3x3 / stride 1 / pad 1 (not dilated) and dilates what follows.
+    return layers.max_pool(x, 3, self.pool_stride, ((1, 1), (1, 1)))
+
+
+class VGG16(backbones.Backbone):
+  """VGG-16 trunk, scope `vgg_16`. Returns `Features(out = pool5, end_points = {'pool<s>': ...})`.
 
   The heads' rates are defined at output stride 8 (LargeFOV fc6: 12); `create_model` scales them.
   """
-  output_stride: int = 8
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Dict[str, Array]:
+  def __call__(self, x: Array, train: bool = False) -> backbones.Features:
     del train  # no BatchNorm, no dropout in the trunk
-    if self.output_stride not in (8, 16, 32):
-      raise ValueError(f'output_stride={self.output_stride} for vgg_16 must be 8, 16 or 32.')
-    current_stride, rate, low_level = 1, 1, None
-    for stage, (features, num_convs) in enumerate(_STAGES, start=1):
-      for i in range(1, num_convs + 1):
-        x = nn.relu(layers.conv(x, features, 3, name=f'conv{stage}/conv{stage}_{i}', rate=rate,
-                                use_bias=True, dtype=self.dtype))
-      if current_stride < self.output_stride:
-        x = layers.max_pool(x, 3, 2, ((1, 1), (1, 1)))
-        current_stride *= 2
-      else:
-        # DeepLab keeps these pools as 3x3 / stride 1 / pad 1 (not dilated) and dilates what follows.
-        x = layers.max_pool(x, 3, 1, ((1, 1), (1, 1)))
-        rate *= 2
-      if stage == 2:
-        low_level = x
-    return {'out': x, 'low_level': low_level}
+    schedule = layers.atrous_schedule([2] * len(_STAGES), self.output_stride, network='vgg_16')
+    stage_cls = self.unit(VGGStage)
+    end_points = {}
+    for stage, ((features, num_convs), (pool_stride, rate)) in enumerate(zip(_STAGES, schedule), start=1):
+      x = stage_cls(stage, features, num_convs, rate, pool_stride, self.dtype, name=f'conv{stage}')(x)
+      end_points[f'pool{stage}'] = x
+    return backbones.Features(x, end_points)
 
+
+backbones.register(backbones.BackboneSpec(
+    name='vgg_16', module=VGG16, scope='vgg_16', variant={}, bn_decay=0.9997, bn_epsilon=1e-3,
+    preprocessing='mean_subtraction', imagenet_classifier=r'^vgg_16/fc8/'))

@@ -6,12 +6,13 @@ has no leading ReLU. Strided convs pad explicitly and symmetrically (TF `fixed_p
 uses SAME. The atrous conversion follows `stack_blocks_dense`: once the running stride reaches the target,
 later units run at stride 1 and the rate is multiplied by the stride they skipped.
 """
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deeplab_jax.models import backbones
 from deeplab_jax.models import layers
 
 Array = jax.Array
@@ -39,50 +40,24 @@ def _middle(num_units: int):
   return (('middle_flow/block1', (728, 728, 728), 'sum', False, num_units, 1),)
 
 
-BLOCKS = {
-    'xception_41': _ENTRY_65 + _middle(8) + _EXIT,
-    'xception_65': _ENTRY_65 + _middle(16) + _EXIT,
-    'xception_71': _ENTRY_71 + _middle(16) + _EXIT,
-}
-
-# The unit whose `separable_conv2_pointwise` BN output feeds the decoder, by decoder output stride
-# (official `networks_to_feature_maps`).
-DECODER_END_POINTS = {
-    'xception_41': {4: 'entry_flow/block2/unit_1', 8: 'entry_flow/block3/unit_1',
-                    16: 'exit_flow/block1/unit_1'},
-    'xception_65': {4: 'entry_flow/block2/unit_1', 8: 'entry_flow/block3/unit_1',
-                    16: 'exit_flow/block1/unit_1'},
-    'xception_71': {4: 'entry_flow/block3/unit_1', 8: 'entry_flow/block5/unit_1',
-                    16: 'exit_flow/block1/unit_1'},
-}
+def unit_scopes(blocks) -> list:
+  """`<block>/unit_<i>` of every unit of a block layout, in order."""
+  return [f'{scope}/unit_{i + 1}' for scope, _, _, _, num_units, _ in blocks for i in range(num_units)]
 
 
-def unit_schedule(variant: str, output_stride: int, multi_grid: Sequence[int] = (1, 1, 1)):
-  """Yields (unit_scope, depth_list, skip, act_in_sep, stride, rate, unit_rates) after atrous conversion.
+def unit_schedule(blocks, output_stride: int, multi_grid=(1, 1, 1), network: str = 'xception'):
+  """(unit_scope, depth_list, skip, act_in_sep, stride, rate, unit_rates) after the atrous conversion.
 
   Raises:
     ValueError: if the output stride cannot be reached by this network.
   """
-  if output_stride % 2:
-    raise ValueError(f'output_stride={output_stride} must be a multiple of 2.')
-  target = output_stride // 2  # the stem conv1_1 already has stride 2
-  current_stride, rate = 1, 1
-  schedule = []
-  for scope, depths, skip, act_in_sep, num_units, stride in BLOCKS[variant]:
-    unit_rates = tuple(multi_grid) if scope == 'exit_flow/block2' else (1, 1, 1)
-    for i in range(num_units):
-      if current_stride > target:
-        raise ValueError(f'output_stride={output_stride} cannot be reached by {variant}.')
-      if current_stride == target:
-        schedule.append((f'{scope}/unit_{i + 1}', depths, skip, act_in_sep, 1, rate, unit_rates))
-        rate *= stride
-      else:
-        schedule.append((f'{scope}/unit_{i + 1}', depths, skip, act_in_sep, stride, 1, unit_rates))
-        current_stride *= stride
-  if current_stride != target:
-    raise ValueError(f'output_stride={output_stride} cannot be reached by {variant} '
-                     f'(its nominal stride is {2 * current_stride}).')
-  return schedule
+  units = [(f'{scope}/unit_{i + 1}', depths, skip, act, stride,
+            tuple(multi_grid) if scope == 'exit_flow/block2' else (1, 1, 1))
+           for scope, depths, skip, act, num_units, stride in blocks for i in range(num_units)]
+  # The stem conv1_1 already has stride 2.
+  schedule = layers.atrous_schedule([u[4] for u in units], output_stride, start_stride=2, network=network)
+  return [(scope, depths, skip, act, stride, rate, unit_rates)
+          for (scope, depths, skip, act, _, unit_rates), (stride, rate) in zip(units, schedule)]
 
 
 class XceptionModule(nn.Module):
@@ -130,36 +105,42 @@ class XceptionModule(nn.Module):
     return outputs, tap
 
 
-class Xception(nn.Module):
+class Xception(backbones.Backbone):
   """Aligned Xception backbone; the module's name is the TF scope (`xception_65`, ...).
 
-  Returns `{'out': [B, H/os, W/os, 2048], 'low_level': [B, H/4, W/4, C]}` (low-level at
-  `low_level_stride`, taken from the official decoder end point).
+  Returns `Features(out [B, H/os, W/os, 2048], end_points)`; each unit's end point is its
+  `separable_conv2_pointwise` BN output (the official decoder taps).
   """
-  variant: str = 'xception_65'
-  output_stride: int = 16
-  multi_grid: Tuple[int, ...] = (1, 1, 1)
-  low_level_stride: int = 4
-  bn: layers.BNConfig = layers.BNConfig(0.9997, 1e-3)
-  depthwise_impl: str = 'auto'
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Dict[str, Array]:
-    if self.variant not in BLOCKS:
-      raise ValueError(f'Unknown Xception variant {self.variant!r}; expected one of {tuple(BLOCKS)}.')
+  def __call__(self, x: Array, train: bool = False) -> backbones.Features:
+    blocks = self.spec.variant['blocks']
     x = layers.conv_bn(x, 32, 3, name='entry_flow/conv1_1', train=train, bn=self.bn, stride=2,
                        padding='EXPLICIT', dtype=self.dtype)
     x = layers.conv_bn(x, 64, 3, name='entry_flow/conv1_2', train=train, bn=self.bn,
                        padding='EXPLICIT', dtype=self.dtype)
-    tap_unit = DECODER_END_POINTS[self.variant].get(self.low_level_stride)
-    module_cls = nn.remat(XceptionModule) if self.remat else XceptionModule
-    low_level = None
+    module_cls = self.unit(XceptionModule)
+    end_points = {}
     for scope, depths, skip, act_in_sep, stride, rate, unit_rates in unit_schedule(
-        self.variant, self.output_stride, self.multi_grid):
-      x, tap = module_cls(depths, skip, act_in_sep, stride, rate, unit_rates, train, self.bn,
-                          self.depthwise_impl, self.dtype, name=f'{scope}/xception_module')(x)
-      if scope == tap_unit:
-        low_level = tap
-    return {'out': x, 'low_level': low_level}
+        blocks, self.output_stride, self.multi_grid, self.spec.name):
+      x, end_points[scope] = module_cls(depths, skip, act_in_sep, stride, rate, unit_rates, train, self.bn,
+                                        self.depthwise_impl, self.dtype,
+                                        name=f'{scope}/xception_module')(x)
+    return backbones.Features(x, end_points)
+
+
+def register(name: str, blocks, decoder_end_points) -> None:
+  """Registers an aligned Xception variant: its block layout and decoder end points by stride."""
+  backbones.register(backbones.BackboneSpec(
+      name=name, module=Xception, scope=name, variant={'blocks': blocks}, bn_decay=0.9997,
+      bn_epsilon=1e-3, preprocessing='inception', decoder_end_points=decoder_end_points,
+      imagenet_classifier=rf'^{name}/logits/', multi_grid=True))
+
+
+# Decoder end points by stride: the official `networks_to_feature_maps`.
+register('xception_41', _ENTRY_65 + _middle(8) + _EXIT,
+          {4: 'entry_flow/block2/unit_1', 8: 'entry_flow/block3/unit_1', 16: 'exit_flow/block1/unit_1'})
+register('xception_65', _ENTRY_65 + _middle(16) + _EXIT,
+          {4: 'entry_flow/block2/unit_1', 8: 'entry_flow/block3/unit_1', 16: 'exit_flow/block1/unit_1'})
+register('xception_71', _ENTRY_71 + _middle(16) + _EXIT,
+          {4: 'entry_flow/block3/unit_1', 8: 'entry_flow/block5/unit_1', 16: 'exit_flow/block1/unit_1'})
