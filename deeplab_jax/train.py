@@ -6,13 +6,16 @@ Each step's dropout key is `fold_in(key(seed), step)` and the input pipeline res
 resumed run continues the same sequence.
 """
 import functools
+import signal
 import sys
+import threading
 import time
 from typing import Any, Optional
 
 from absl import logging
 import flax
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -20,7 +23,6 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import optax
-import tensorboardX
 import tqdm
 
 from deeplab_jax import checkpoint
@@ -28,7 +30,10 @@ from deeplab_jax import evaluate
 from deeplab_jax import input_pipeline
 from deeplab_jax import losses
 from deeplab_jax import metrics
+from deeplab_jax import models
 from deeplab_jax import optim
+from deeplab_jax import run_lock
+from deeplab_jax import summary_writer
 from deeplab_jax.models import create_model
 
 Array = jax.Array
@@ -107,13 +112,6 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx, schedule, mesh
                  donate_argnums=(0,))
 
 
-def global_batch(local_batch: dict, mesh: Mesh) -> dict:
-  """Assembles each process's `[B_local, ...]` arrays into global arrays sharded on `data`."""
-  sharding = NamedSharding(mesh, P('data'))
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[key]))
-          for key in ('image', 'label')}
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for settings the trainer cannot run with."""
   t, devices, processes = config.train, jax.device_count(), jax.process_count()
@@ -130,30 +128,95 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                      f'config.dataset.num_classes={config.dataset.num_classes}.')
 
 
-def _check_finite(history: list, latest_checkpoint: Optional[int]) -> dict:
-  """Host copies of buffered step metrics; stops the run at the first non-finite loss."""
+class TrainingInterrupted(Exception):
+  """SIGINT/SIGTERM stopped the run after a checkpoint of the step reached was written."""
+
+  def __init__(self, signum: int, step: int, checkpoint_dir: str):
+    self.signum, self.step = signum, step
+    name = signal.Signals(signum).name
+    super().__init__(f'Stopped by {name} at step {step}; checkpoint {checkpoint_dir}/{step} written. Rerun the '
+                     'same command to resume.')
+
+
+class _StopSignals:
+  """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second SIGINT interrupts at once).
+
+  A signal arriving inside XLA or a garbage-collection callback would otherwise raise KeyboardInterrupt
+  where it can be swallowed; the flag is read at one safe place, and every process agrees on it.
+  """
+
+  def __init__(self):
+    self.received, self._previous = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+    self.received = signum
+    logging.warning('%s received: stopping after this step and writing a checkpoint.',
+                    signal.Signals(signum).name)
+
+  def stop_requested(self, step: int, every: int) -> Optional[int]:
+    """The signal any process received, or None.
+
+    One process reads its flag after every step. Several processes must stop at the same step, so they
+    agree through a collective, which they run only every `every` steps (a preemption notice leaves time).
+    """
+    if jax.process_count() == 1:
+      return self.received
+    if step % every:
+      return None
+    received = multihost_utils.process_allgather(np.asarray(self.received or 0, np.int32))
+    return int(np.max(received)) or None
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _check_finite(history: list, ckpt: checkpoint.Checkpointer) -> dict:
+  """Host copies of buffered step metrics; stops the run at the first non-finite loss.
+
+  The weights saved at the step before a non-finite loss produced it, so those checkpoints are marked
+  suspect (kept on disk, skipped on resume) and the message names the newest trusted one.
+  """
   fetched = jax.device_get(history)
   for step, step_metrics in fetched:
     if not np.isfinite(step_metrics['total_loss']):
-      raise FloatingPointError(
-          f'The training loss became {step_metrics["total_loss"]} at step {step} (learning rate '
-          f'{step_metrics["learning_rate"]:.3g}); the last checkpoint is step {latest_checkpoint}. Lower '
-          'config.train.base_learning_rate or add config.train.warmup_steps.')
+      _diverged(ckpt, step, f'The training loss became {step_metrics["total_loss"]} at step {step} (learning '
+                f'rate {step_metrics["learning_rate"]:.3g})')
   return {key: float(np.mean([m[key] for _, m in fetched])) for key in fetched[-1][1]}
 
 
+def _diverged(ckpt: checkpoint.Checkpointer, first_bad_step: int, what: str) -> None:
+  marked = ckpt.mark_diverged(first_bad_step)
+  trusted = ckpt.newest_trusted_step()
+  resume = f'rerunning resumes from step {trusted}' if trusted is not None else \
+      'rerunning starts from the initial weights'
+  suspects = f'checkpoints {marked} hold the weights that led there (kept, skipped on resume); ' if marked else ''
+  raise FloatingPointError(
+      f'{what}; {suspects}{resume}. Lower config.train.base_learning_rate or add config.train.warmup_steps.')
+
+
 def _initial_state(config, model, tx, mesh, ckpt: checkpoint.Checkpointer) -> TrainState:
-  """Fresh state, then the latest checkpoint of the run, else `config.init_from` weights."""
+  """Fresh state, then the newest intact checkpoint of the run, else `config.init_from` weights."""
   state = create_train_state(config, model, tx, mesh)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    variables, train_state = ckpt.restore(latest, state.variables(),
-                                          {'step': state.step, 'opt_state': state.opt_state}, config)
-    logging.info('Resuming from %s/%d.', ckpt.directory, latest)
-    return state.replace(step=train_state['step'], opt_state=train_state['opt_state'], **variables)
+  restored = ckpt.restore_latest_intact(state.variables(), {'step': state.step, 'opt_state': state.opt_state},
+                                        config, set_aside_skipped=True)
+  if restored is not None:
+    logging.info('Resuming from %s/%d.', ckpt.directory, restored.step)
+    return state.replace(step=restored.train_state['step'], opt_state=restored.train_state['opt_state'],
+                         **restored.variables)
   if config.init_from:
-    variables, report = checkpoint.load_pretrained(config.init_from, state.variables(),
-                                                   config.init_from_scope)
+    variables, report = checkpoint.load_pretrained(
+        config.init_from, state.variables(), config.init_from_scope,
+        backbone_scope=models.backbone_scope(config.model), min_loaded_fraction=config.init_from_min_fraction)
     logging.info('init_from %s: loaded %d, skipped %d %s, new %d %s', config.init_from,
                  len(report['loaded']), len(report['skipped']), report['skipped'][:5],
                  len(report['new']), report['new'][:5])
@@ -173,75 +236,107 @@ def _log_eval(writer, summary: dict, panels: list, step: int, workdir: str) -> N
     if np.isfinite(iou):
       writer.add_scalar(f'eval_iou/{name}', iou, step)
   for index, panel in enumerate(panels):
-    writer.add_image(f'eval_images/{index}', panel, step, dataformats='HWC')
+    writer.add_image(f'eval_images/{index}', panel, step)
+  writer.flush()
   evaluate.save_panels(panels, f'{workdir}/predictions/step_{step:07d}')
   evaluate.write_summary(summary, step, workdir)
 
 
+def _log_train(writer, means: dict, step: int, progress) -> None:
+  logging.info('step %d: loss %.4f (total %.4f), lr %.3g, pixel acc %.3f, %.2f steps/s, %.1f images/s',
+               step, means['loss'], means['total_loss'], means['learning_rate'], means['pixel_accuracy'],
+               means['steps_per_second'], means['images_per_second'])
+  progress.set_postfix(loss=f'{means["loss"]:.3f}')
+  if writer is not None:
+    for key, value in means.items():
+      writer.add_scalar(f'train/{key}', value, step)
+    writer.flush()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, run_eval: bool = True) -> dict:
-  """Trains `config` in `workdir` (resuming from its last checkpoint) and evaluates periodically.
+  """Trains `config` in `workdir` (resuming from its newest intact checkpoint) and evaluates periodically.
+
+  One run at a time holds `workdir` (a second one stops at once, naming the holder). Any failure to write a
+  checkpoint, events or images stops the run with the path and the cause; SIGINT/SIGTERM finish the current
+  step, write a checkpoint and raise `TrainingInterrupted`.
 
   Returns:
     The last eval summary (empty if `run_eval` is False).
   """
   validate_config(config)
-  input_pipeline.load_dataset_info(config)  # missing or mismatched data stops the run before compiling
-  mesh = create_mesh()
+  with run_lock.hold(workdir, enabled=jax.process_index() == 0):
+    dataset = input_pipeline.load_dataset(config)  # missing or mismatched data stops the run before compiling
+    mesh = create_mesh()
+    model = create_model(config.model)
+    tx, schedule = optim.create_optimizer(config.train)
+    evaluator = evaluate.Evaluator(config, mesh, dataset) if run_eval else None
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    writer = summary_writer.SummaryWriter(workdir) if jax.process_index() == 0 else None
+    try:
+      with _StopSignals() as signals:
+        return _train_loop(config, workdir, dataset, mesh, model, tx, schedule, evaluator, ckpt, writer,
+                           signals)
+    finally:  # a failing or interrupted run still finalises the checkpoint being written
+      try:
+        ckpt.close()
+      finally:
+        if writer is not None:
+          writer.close()
+
+
+def _train_loop(config, workdir, dataset, mesh, model, tx, schedule, evaluator, ckpt, writer, signals) -> dict:
   t = config.train
-  model = create_model(config.model)
-  tx, schedule = optim.create_optimizer(t)
-  evaluator = evaluate.Evaluator(config, mesh) if run_eval else None
-  ckpt = checkpoint.Checkpointer(workdir, keep=t.keep_checkpoints)
   state = _initial_state(config, model, tx, mesh, ckpt)
   start_step = int(state.step)
   p_train_step = make_train_step(config, model, tx, schedule, mesh)
-  batches = input_pipeline.create_train_iterator(config, start_step=start_step,
+  batches = input_pipeline.create_train_iterator(config, dataset, start_step=start_step,
                                                  process_index=jax.process_index(),
                                                  process_count=jax.process_count())
-  is_chief = jax.process_index() == 0
-  writer = tensorboardX.SummaryWriter(workdir) if is_chief else None
   progress = tqdm.tqdm(total=t.num_steps, initial=start_step, unit='step', dynamic_ncols=True,
-                       disable=not (is_chief and sys.stderr.isatty()))
+                       disable=not (writer is not None and sys.stderr.isatty()))
   history, summary, last_log = [], {}, (time.time(), start_step)
   logging.info('Training %s from step %d to %d on %d devices (%d processes), global batch %d.',
                config.model.backbone, start_step, t.num_steps, jax.device_count(), jax.process_count(),
                t.batch_size)
+
+  def save(step, eval_summary=None):
+    try:
+      ckpt.save(step, state.variables(), {'step': state.step, 'opt_state': state.opt_state}, config,
+                metrics={checkpoint.BEST_METRIC: eval_summary['miou']} if eval_summary else None)
+    except checkpoint.NonFiniteStateError as e:  # a finite loss, but the update overflowed the weights
+      _diverged(ckpt, step + 1, f'The weights became non-finite at step {step} ({e})')
+
   try:
     for step in range(start_step + 1, t.num_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, step_metrics = p_train_step(state, global_batch(next(batches), mesh))
+        state, step_metrics = p_train_step(state, input_pipeline.shard_batch(next(batches), mesh))
       history.append((step, step_metrics))
       progress.update(1)
+      stop = signals.stop_requested(step, t.log_every_steps)
       last = step == t.num_steps
-      do_eval = run_eval and (step % t.eval_every_steps == 0 or last)
-      do_save = do_eval or step % t.checkpoint_every_steps == 0 or last
+      do_eval = evaluator is not None and (step % t.eval_every_steps == 0 or last) and not stop
+      do_save = do_eval or step % t.checkpoint_every_steps == 0 or last or stop
       if step % t.log_every_steps == 0 or do_save:
-        means = _check_finite(history, ckpt.latest_step())
+        means = _check_finite(history, ckpt)
         history = []
+        ckpt.check_for_errors()  # a failed background write stops the run now, naming the path
         seconds, steps_done = time.time() - last_log[0], step - last_log[1]
         last_log = (time.time(), step)
         means['steps_per_second'] = steps_done / seconds
         means['images_per_second'] = steps_done * t.batch_size / seconds
-        logging.info('step %d: loss %.4f (total %.4f), lr %.3g, pixel acc %.3f, %.2f steps/s, %.1f images/s',
-                     step, means['loss'], means['total_loss'], means['learning_rate'],
-                     means['pixel_accuracy'], means['steps_per_second'], means['images_per_second'])
-        progress.set_postfix(loss=f'{means["loss"]:.3f}')
-        if is_chief:
-          for key, value in means.items():
-            writer.add_scalar(f'train/{key}', value, step)
+        _log_train(writer, means, step, progress)
       if do_eval:
         summary, panels = evaluator.run(state.variables(), config.eval.num_images_to_save)
         _log_eval(writer, summary, panels, step, workdir)
         last_log = (time.time(), step)  # eval time is not training speed
       if do_save:
-        ckpt.save(step, state.variables(), {'step': state.step, 'opt_state': state.opt_state}, config,
-                  metrics={checkpoint.BEST_METRIC: summary['miou']} if do_eval else None)
-    if run_eval and not summary and start_step >= t.num_steps:
+        save(step, summary if do_eval else None)
+      if stop:
+        ckpt.wait()
+        raise TrainingInterrupted(stop, step, ckpt.directory)
+    if evaluator is not None and not summary and start_step >= t.num_steps:
       summary, panels = evaluator.run(state.variables(), config.eval.num_images_to_save)
       _log_eval(writer, summary, panels, start_step, workdir)
-  finally:  # a failing or interrupted run still finalises the checkpoint being written
+  finally:
     progress.close()
-    ckpt.close()
-    if writer is not None:
-      writer.close()
   return summary

@@ -263,7 +263,7 @@ def test_pth_needs_torch(tmp_path):
   path = str(tmp_path / 'weights.pth')
   state = torchvision_mobilenet_v2()
   if importlib.util.find_spec('torch') is None:
-    open(path, 'wb').write(b'not read without torch')
+    open(path, 'wb').write(b'PK\x03\x04' + b'not read without torch')
     with pytest.raises(common.ConversionError, match='needs torch, which is not installed'):
       pytorch.load_state_dict(path)
   else:
@@ -286,7 +286,7 @@ def test_cli_converts_and_reports(tmp_path):
   assert json.loads((out / common.REPORT_FILE).read_text())['layout'] == 'torchvision_mobilenet_v2'
   model = create_model(voc_mobilenetv2.get_config('1.0').model)
   fresh = model.init(jax.random.PRNGKey(0), np.zeros((1, 33, 33, 3), np.float32))
-  _, load_report = checkpoint.load_pretrained(str(out), fresh, 'backbone')
+  _, load_report = checkpoint.load_pretrained(str(out), fresh, 'backbone', backbone_scope='MobilenetV2')
   assert len(load_report['loaded']) == 255 and len(load_report['new']) == 17
 
   bad = subprocess.run([sys.executable, '-m', 'deeplab_jax.convert', f'--source={source}',

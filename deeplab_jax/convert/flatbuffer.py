@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from deeplab_jax.convert.tf_names import ConversionError
+
 # BuiltinOperator codes (schema.fbs) of the ops the DeepLab graphs use.
 OP_NAMES = {0: 'ADD', 1: 'AVERAGE_POOL_2D', 2: 'CONCATENATION', 3: 'CONV_2D', 4: 'DEPTHWISE_CONV_2D',
             6: 'DEQUANTIZE', 18: 'MUL', 19: 'RELU', 21: 'RELU6', 22: 'RESHAPE', 23: 'RESIZE_BILINEAR',
@@ -146,12 +148,30 @@ def read_tflite(path: str) -> Graph:
   """Parses a `.tflite` file into its tensors (with constants) and ops (with options).
 
   Raises:
-    ValueError: if the file is not a TFLite flatbuffer or has several subgraphs.
+    ConversionError (a ValueError): naming `path`, if the file is not a TFLite flatbuffer, is truncated or
+      damaged (offsets or data beyond its end), or has several subgraphs.
   """
   with open(path, 'rb') as f:
     buf = f.read()
-  if len(buf) < 8 or buf[4:8] != b'TFL3':
-    raise ValueError(f'{path} is not a TFLite flatbuffer (no TFL3 identifier).')
+  if len(buf) < 8:
+    raise ConversionError(f'{path} is truncated: {len(buf)} bytes, too short for a TFLite flatbuffer.')
+  if buf[4:8] != b'TFL3':
+    raise ConversionError(f'{path} is not a TFLite flatbuffer: no TFL3 identifier at bytes 4-8 (it starts '
+                          f'{buf[:8]!r}). Pass a .tflite model.')
+  try:
+    return _parse_model(buf, path)
+  except ConversionError:
+    raise
+  except (struct.error, IndexError, KeyError, ValueError, OverflowError, UnicodeDecodeError) as e:
+    # Offsets that point past the end of the buffer: the file was cut short (or overwritten).
+    kind = 'struct.error' if isinstance(e, struct.error) else type(e).__name__
+    raise ConversionError(
+        f'{path} is truncated or not a valid TFLite file ({len(buf)} bytes; {kind} while parsing: '
+        f'{" ".join(str(e).split())}). Download or export it again.') from e
+
+
+def _parse_model(buf: bytes, path: str) -> Graph:
+  """`read_tflite` on the file's bytes; struct/numpy errors mean the file is damaged."""
   model = _Table(buf, struct.unpack_from('<I', buf, 0)[0])
   opcodes = []
   for code in model.tables(1):
@@ -166,13 +186,14 @@ def read_tflite(path: str) -> Graph:
       buffers.append(buffer.array(0, np.uint8))
   subgraphs = model.tables(2)
   if len(subgraphs) != 1:
-    raise ValueError(f'{path} has {len(subgraphs)} subgraphs; DeepLab models have one.')
+    raise ConversionError(f'{path} has {len(subgraphs)} subgraphs; DeepLab models have one.')
   graph = subgraphs[0]
   tensors = []
   for index, t in enumerate(graph.tables(0)):
     type_code = t.scalar(1, 'b')
     if type_code not in TENSOR_TYPES:
-      raise ValueError(f'{path}: tensor {t.string(3)!r} has an unsupported type code {type_code}.')
+      raise ConversionError(f'{path}: tensor {t.string(3)!r} has an unsupported type code '
+                            f'{type_code}.')
     dtype = TENSOR_TYPES[type_code]
     shape = tuple(int(d) for d in t.array(0, np.int32))
     raw = buffers[t.scalar(2, 'I')] if buffers else np.zeros((0,), np.uint8)

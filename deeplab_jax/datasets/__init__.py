@@ -17,6 +17,7 @@ from deeplab_jax.datasets import common
 from deeplab_jax.datasets import folder
 from deeplab_jax.datasets import synthetic
 from deeplab_jax.datasets import voc
+from deeplab_jax.datasets.common import BadFilesError
 from deeplab_jax.datasets.common import ManualDownloadError
 
 DATASET_NAMES = ('voc2012_segmentation', 'cityscapes', 'ade20k', 'folder', 'synthetic_scenes')
@@ -68,4 +69,35 @@ def get_builder(dataset_config: ml_collections.ConfigDict) -> common.Segmentatio
   raise ValueError(f'Unknown config.dataset.name {name!r}; allowed: {", ".join(DATASET_NAMES)}.')
 
 
-__all__ = ['DATASET_NAMES', 'ManualDownloadError', 'get_builder']
+def class_names(dataset_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The class names of `config.dataset` without preparing (or having) the data.
+
+  `config.dataset.class_names`, when set, wins; otherwise the dataset's own names (for `folder`:
+  `class_0`, `class_1`, ...). Prediction uses this to label a checkpoint's classes.
+
+  Raises:
+    ValueError: for an unknown dataset name, or names that disagree with `num_classes`.
+  """
+  names = tuple(dataset_config.get('class_names', ()) or ())
+  num_classes = int(dataset_config.num_classes)
+  if not names:
+    name = dataset_config.name
+    if name == 'voc2012_segmentation':
+      names = voc.CLASS_NAMES
+    elif name == 'cityscapes':
+      names = cityscapes.CLASS_NAMES
+    elif name == 'ade20k':
+      names = ade20k.CLASS_NAMES
+    elif name == 'folder':
+      names = tuple(f'class_{i}' for i in range(num_classes))
+    elif name == 'synthetic_scenes':
+      names = synthetic.class_names(num_classes)
+    else:
+      raise ValueError(f'Unknown config.dataset.name {name!r}; allowed: {", ".join(DATASET_NAMES)}.')
+  if len(names) != num_classes:
+    raise ValueError(f'config.dataset.num_classes={num_classes} but {dataset_config.name!r} has '
+                     f'{len(names)} class names.')
+  return tuple(str(n) for n in names)
+
+
+__all__ = ['BadFilesError', 'DATASET_NAMES', 'ManualDownloadError', 'class_names', 'get_builder']

@@ -73,9 +73,7 @@ class Ade20k(common.SegmentationBuilder, skip_registration=True):
 
   def _generate_examples(self, tree, folder, stems):
     for stem in stems:
-      image_name, mask_name = f'images/{folder}/{stem}.jpg', f'annotations/{folder}/{stem}.png'
-      image_bytes, size = common.normalize_image(tree.read(image_name), tree.location(image_name))
-      annotation = common.decode_mask(tree.read(mask_name), tree.location(mask_name))
-      common.check_same_size(size, annotation, tree.location(image_name), tree.location(mask_name))
-      common.check_mask_values(annotation, len(CLASS_NAMES), tree.location(mask_name), IGNORE_LABEL)
-      yield stem, self.make_example(image_bytes, annotation, stem)
+      pair = self._read_pair(tree, f'images/{folder}/{stem}.jpg', tree, f'annotations/{folder}/{stem}.png',
+                             num_classes=len(CLASS_NAMES), ignore_label=IGNORE_LABEL)
+      if pair is not None:
+        yield stem, self.make_example(*pair, stem)

@@ -2,13 +2,19 @@
 
 TFDS's own extractor needs TensorFlow, so builders read archives with the standard library:
 uncompressed tars and zips by random access, compressed tars (`.tgz`) in one streaming pass that keeps
-only the wanted members in memory (SBD's `cls/*.mat` are small).
+only the wanted members in memory (SBD's `cls/*.mat` are small). An archive that cannot be opened or
+streamed (truncated, damaged, not a zip or tar) raises `DamagedArchiveError` naming it.
 """
 import abc
 import os
 import tarfile
 from typing import Callable
 import zipfile
+import zlib
+
+
+class DamagedArchiveError(ValueError):
+  """A manual-download archive cannot be read; the message names it and says what to do."""
 
 
 class FileTree(abc.ABC):
@@ -132,6 +138,12 @@ def open_tree(manual_dir: str, archive_name: str, folder: str, archive_prefix: s
   archive_path = os.path.join(manual_dir, archive_name)
   if not os.path.isfile(archive_path):
     return None
-  if zipfile.is_zipfile(archive_path):
-    return ZipTree(archive_path, archive_prefix)
-  return TarTree(archive_path, archive_prefix, keep)
+  try:
+    if zipfile.is_zipfile(archive_path):
+      return ZipTree(archive_path, archive_prefix)
+    return TarTree(archive_path, archive_prefix, keep)
+  except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error) as e:
+    raise DamagedArchiveError(
+        f'{archive_path} cannot be read as a zip or tar archive ({type(e).__name__}: '
+        f'{" ".join(str(e).split())}): it is truncated or damaged. Download it again, or extract it so that '
+        f'{folder_path}/ exists.') from e

@@ -32,6 +32,11 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
   return table[label_ids]
 
 
+def _decode_train_ids(data: bytes, name: str) -> np.ndarray:
+  """A `*_gtFine_labelIds.png` -> uint8 `[H, W]` train ids."""
+  return label_ids_to_train_ids(common.decode_mask(data, name))
+
+
 class Cityscapes(common.SegmentationBuilder, skip_registration=True):
   """Cityscapes fine annotations, 19 train ids, 255 = ignore."""
 
@@ -71,9 +76,8 @@ class Cityscapes(common.SegmentationBuilder, skip_registration=True):
 
   def _generate_examples(self, images, labels, stems):
     for stem in stems:
-      image_name, label_name = f'{stem}_leftImg8bit.png', f'{stem}_gtFine_labelIds.png'
-      image_bytes, size = common.normalize_image(images.read(image_name), images.location(image_name))
-      label_ids = common.decode_mask(labels.read(label_name), labels.location(label_name))
-      common.check_same_size(size, label_ids, images.location(image_name), labels.location(label_name))
-      image_id = stem.split('/')[-1]
-      yield image_id, self.make_example(image_bytes, label_ids_to_train_ids(label_ids), image_id)
+      pair = self._read_pair(images, f'{stem}_leftImg8bit.png', labels, f'{stem}_gtFine_labelIds.png',
+                             mask_decoder=_decode_train_ids)
+      if pair is not None:
+        image_id = stem.split('/')[-1]
+        yield image_id, self.make_example(*pair, image_id)

@@ -94,9 +94,8 @@ class FolderDataset(common.SegmentationBuilder, skip_registration=True):
           + ('' if pairs else '; no image/mask pairs found') + f'. Expected layout: {LAYOUT}.')
     cfg = self.builder_config
     for image_name, mask_name in pairs:
-      image_bytes, size = common.normalize_image(tree.read(image_name), tree.location(image_name))
-      mask = common.decode_mask(tree.read(mask_name), tree.location(mask_name))
-      common.check_same_size(size, mask, tree.location(image_name), tree.location(mask_name))
-      common.check_mask_values(mask, cfg.num_classes, tree.location(mask_name), cfg.ignore_label)
-      key = image_name[len('images/'):]
-      yield key, self.make_example(image_bytes, mask, os.path.splitext(key)[0])
+      pair = self._read_pair(tree, image_name, tree, mask_name, num_classes=cfg.num_classes,
+                             ignore_label=cfg.ignore_label)
+      if pair is not None:
+        key = image_name[len('images/'):]
+        yield key, self.make_example(*pair, os.path.splitext(key)[0])

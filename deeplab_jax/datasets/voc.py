@@ -35,11 +35,24 @@ SBD_SIZES = {'train': 8498, 'val': 2857}
 
 
 def read_sbd_mat(data: bytes, name: str) -> np.ndarray:
-  """SBD's `cls/<id>.mat` -> uint8 `[H, W]` class indices (GTcls.Segmentation)."""
-  mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=False)
+  """SBD's `cls/<id>.mat` -> uint8 `[H, W]` class indices (GTcls.Segmentation).
+
+  Raises:
+    common.BadFileError: naming `name`, for an empty, damaged or foreign .mat file.
+  """
+  if not data:
+    raise common.BadFileError(name, 'empty file (0 bytes)')
+  try:
+    mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=False)
+  except Exception as e:  # scipy raises ValueError, TypeError, MatReadError, ... for damaged files.
+    raise common.BadFileError(name, f'cannot be read as a MATLAB file ({type(e).__name__}: '
+                              f'{" ".join(str(e).split())})') from e
   if 'GTcls' not in mat:
-    raise ValueError(f'{name} has no GTcls struct; is it an SBD cls/*.mat file?')
-  return np.asarray(mat['GTcls'].Segmentation, dtype=np.uint8)
+    raise common.BadFileError(name, 'has no GTcls struct; is it an SBD cls/*.mat file?')
+  try:
+    return np.asarray(mat['GTcls'].Segmentation, dtype=np.uint8)
+  except (AttributeError, TypeError, ValueError) as e:
+    raise common.BadFileError(name, f'has no uint8 GTcls.Segmentation array ({e})') from e
 
 
 def _read_ids(tree: archives.FileTree, relpath: str) -> list[str]:
@@ -127,16 +140,11 @@ class Voc2012Segmentation(common.SegmentationBuilder, skip_registration=True):
 
   def _generate_examples(self, voc, sbd, split_ids, label_source):
     for image_id in split_ids:
-      image_name = f'JPEGImages/{image_id}.jpg'
-      image_bytes, size = common.normalize_image(voc.read(image_name), voc.location(image_name))
       if label_source[image_id] == 'voc':
-        mask_name = f'SegmentationClass/{image_id}.png'
-        mask = common.decode_mask(voc.read(mask_name), voc.location(mask_name))
-        mask_location = voc.location(mask_name)
+        mask_tree, mask_name, decoder = voc, f'SegmentationClass/{image_id}.png', common.decode_mask
       else:
-        mask_name = f'cls/{image_id}.mat'
-        mask_location = sbd.location(mask_name)
-        mask = read_sbd_mat(sbd.read(mask_name), mask_location)
-      common.check_same_size(size, mask, voc.location(image_name), mask_location)
-      common.check_mask_values(mask, len(CLASS_NAMES), mask_location)
-      yield image_id, self.make_example(image_bytes, mask, image_id)
+        mask_tree, mask_name, decoder = sbd, f'cls/{image_id}.mat', read_sbd_mat
+      pair = self._read_pair(voc, f'JPEGImages/{image_id}.jpg', mask_tree, mask_name,
+                             num_classes=len(CLASS_NAMES), mask_decoder=decoder)
+      if pair is not None:
+        yield image_id, self.make_example(*pair, image_id)
