@@ -11,6 +11,7 @@ import pytest
 from configs import tiny
 from deeplab_jax import checkpoint
 from deeplab_jax import evaluate
+from deeplab_jax import input_pipeline
 from deeplab_jax import train
 from deeplab_jax.models import create_model
 from deeplab_jax.models import layers
@@ -31,19 +32,17 @@ def _tiny_model_and_variables(num_classes=5):
 def test_multi_scale_and_flip_average_softmax():
   config, model, variables = _tiny_model_and_variables()
   images = jax.random.uniform(jax.random.key(1), (2, 33, 33, 3), maxval=255.0)
-  stride = evaluate.logits_stride(config.model, config.model.output_stride)
-  assert stride == 4
+  assert model.logits_stride == 4
 
   @jax.jit
   def compute(variables, images):
-    single = evaluate.predict_probabilities(model, variables, images, (1.0,), False, stride)
+    single = evaluate.predict_probabilities(model, variables, images, (1.0,), False)
     direct = jax.nn.softmax(model.apply(variables, images, train=False), -1)
-    flipped = evaluate.predict_probabilities(model, variables, images, (1.0,), True, stride)
+    flipped = evaluate.predict_probabilities(model, variables, images, (1.0,), True)
     mirror = jax.nn.softmax(model.apply(variables, images[:, :, ::-1], train=False), -1)[:, :, ::-1]
-    multi = evaluate.predict_probabilities(model, variables, images, (0.5, 1.0), False, stride)
+    multi = evaluate.predict_probabilities(model, variables, images, (0.5, 1.0), False)
     half = layers.resize_bilinear(images, (17, 17))
-    _, state = model.apply(variables, half, train=False, mutable=['intermediates'])
-    small = state['intermediates']['logits_small'][0]  # 5x5 at stride 4
+    small = model.apply(variables, half, train=False, upsample=False)  # 5x5 at stride 4
     # Official: merged logits at scale_dimension(33, 1/4) = 9, then the image size.
     half_probs = jax.nn.softmax(layers.resize_bilinear(layers.resize_bilinear(small, (9, 9)), (33, 33)), -1)
     return single, direct, flipped, mirror, multi, half_probs
@@ -54,18 +53,6 @@ def test_multi_scale_and_flip_average_softmax():
   np.testing.assert_allclose(flipped, (direct + mirror) / 2, atol=1e-5)
   np.testing.assert_allclose(multi, (half_probs + direct) / 2, atol=1e-5)
   np.testing.assert_allclose(np.sum(np.asarray(multi), -1), 1.0, atol=1e-5)
-
-
-def test_voc_palette_and_overlay():
-  palette = evaluate.voc_palette()
-  np.testing.assert_array_equal(palette[:4], [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]])
-  np.testing.assert_array_equal(palette[15], [192, 128, 128])  # person
-  image = np.full((2, 2, 3), 100.0)
-  label = np.array([[1, 255], [0, 0]])
-  panel = evaluate.overlay_panel(image, label, np.zeros((2, 2), np.int32), alpha=0.5)
-  assert panel.shape == (2, 6, 3) and panel.dtype == np.uint8
-  np.testing.assert_array_equal(panel[0, 2], [114, 50, 50])  # label 1 over grey 100
-  np.testing.assert_array_equal(panel[0, 3], [162, 162, 146])  # void colour
 
 
 def _voc_folder(root, shared_data):
@@ -161,4 +148,4 @@ def test_bad_eval_config_names_the_field(tmp_path, field, value, match):
   config.dataset.train_split, config.dataset.eval_split = 'train', 'val'
   config.eval[field] = value
   with pytest.raises(ValueError, match=match):
-    evaluate.Evaluator(config, train.create_mesh())
+    evaluate.Evaluator(config, train.create_mesh(), input_pipeline.load_dataset(config))
