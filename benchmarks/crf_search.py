@@ -1,4 +1,4 @@
-"""Dense CRF on a converted DeepLab model over the real VOC subset: mIoU without / with CRF, small grid search.
+"""Dense CRF on a converted DeepLab model over the real VOC subset: mIoU without/with CRF, a grid search.
 
   python benchmarks/crf_search.py [--num_search_images=10] [--w1=3,4,5] [--theta_alpha=50,67,90]
       [--theta_beta=3,5] [--max_images=0] [--normalization=symmetric] [--cache_dir=/tmp/deeplab_crf_search]
@@ -132,7 +132,8 @@ def main():
 
   search = [load(image_id) for image_id in ids[:args.num_search_images]]
   search_probabilities = [runner.probabilities(image) for image, _ in search]
-  baseline = sum(confusion(label, probs.argmax(-1)) for (_, label), probs in zip(search, search_probabilities))
+  baseline = sum(confusion(label, probs.argmax(-1))
+                 for (_, label), probs in zip(search, search_probabilities))
   print(f'\nGrid on the first {len(search)} images (w2={default.w2}, theta_gamma={default.theta_gamma}, '
         f'{default.num_iterations} iterations); no CRF: {100 * metrics.mean_iou(baseline):.2f}%')
   print(f'{"w1":>5s} {"theta_alpha":>11s} {"theta_beta":>10s} {"mIoU %":>7s} {"vs no CRF":>9s}')
@@ -155,7 +156,10 @@ def main():
     image, label = load(image_id)
     probabilities = runner.probabilities(image)
     for name, params in settings.items():
-      prediction = probabilities.argmax(-1) if params is None else runner.crf_labels(probabilities, image, params)
+      if params is None:
+        prediction = probabilities.argmax(-1)
+      else:
+        prediction = runner.crf_labels(probabilities, image, params)
       totals[name] += confusion(label, prediction)
     if (index + 1) % 50 == 0:
       print(f'  {index + 1}/{len(ids)} images ({time.time() - start:.0f} s)', flush=True)

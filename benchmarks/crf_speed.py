@@ -38,7 +38,8 @@ def noisy_probabilities(label: np.ndarray, num_classes: int, seed: int) -> np.nd
   """`[H, W, K]` float32 softmax of smoothed noisy one-hot logits of `label` (255 counts as class 0)."""
   rng = np.random.default_rng(seed)
   label = np.where(label == 255, 0, label).astype(np.int64)
-  logits = 3.0 * np.eye(num_classes, dtype=np.float32)[label] + rng.normal(0, 2.0, label.shape + (num_classes,))
+  noise = rng.normal(0, 2.0, label.shape + (num_classes,))
+  logits = 3.0 * np.eye(num_classes, dtype=np.float32)[label] + noise
   kernel = np.ones(7, np.float32) / 7
   for axis in (0, 1):
     logits = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode='same'), axis, logits)
@@ -48,7 +49,8 @@ def noisy_probabilities(label: np.ndarray, num_classes: int, seed: int) -> np.nd
 
 
 def load_voc(image_id: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-  image = Image.open(VOC / 'JPEGImages' / f'{image_id}.jpg').convert('RGB').resize((size, size), Image.BILINEAR)
+  image = Image.open(VOC / 'JPEGImages' / f'{image_id}.jpg').convert('RGB')
+  image = image.resize((size, size), Image.BILINEAR)
   label = Image.open(VOC / 'SegmentationClass' / f'{image_id}.png').resize((size, size), Image.NEAREST)
   return np.array(image, np.uint8), np.array(label, np.uint8)
 

@@ -201,11 +201,9 @@ def dense_crf_exact(probabilities: Array, images: Array, params: CRFParams,
     rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
                               indexing='ij')
     positions = jnp.stack([cols, rows], -1).reshape(-1, 2) / jnp.float32(params.theta_gamma)
-    messages = [
-        (params.w1, _normalised(_dense_kernel_filter(_bilateral_features(height, width, image, params), valid),
-                                valid, normalization)),
-        (params.w2, _normalised(_dense_kernel_filter(positions, valid), valid, normalization)),
-    ]
+    bilateral = _dense_kernel_filter(_bilateral_features(height, width, image, params), valid)
+    messages = [(params.w1, _normalised(bilateral, valid, normalization)),
+                (params.w2, _normalised(_dense_kernel_filter(positions, valid), valid, normalization))]
     probs = probs.reshape(height * width, -1)
     marginals = _mean_field(unary_from_probabilities(probs), messages, valid, params.num_iterations)
     return jnp.where(valid[:, None], marginals, probs).reshape(height, width, -1)
@@ -230,15 +228,16 @@ def _grid_gaussian_filter(height: int, width: int, theta: float) -> Callable[[Ar
     return radius, jnp.asarray(np.exp(-0.5 * (np.arange(-radius, radius + 1) / theta) ** 2), jnp.float32)
 
   def apply(values):
-    channels = values.shape[-1]
-    planes = values.T.reshape(channels, 1, height, width)
+    # Classes as the batch dimension of a one-channel convolution, without moving them: 'HWNC' layout.
+    planes = values.reshape(height, width, -1, 1)
+    dimensions = ('HWNC', 'HWIO', 'HWNC')
     radius, kernel = taps(height)
-    planes = lax.conv_general_dilated(planes, kernel.reshape(1, 1, -1, 1), (1, 1), ((radius, radius), (0, 0)),
-                                      precision=lax.Precision.HIGHEST)
+    planes = lax.conv_general_dilated(planes, kernel.reshape(-1, 1, 1, 1), (1, 1), ((radius, radius), (0, 0)),
+                                      dimension_numbers=dimensions, precision=lax.Precision.HIGHEST)
     radius, kernel = taps(width)
-    planes = lax.conv_general_dilated(planes, kernel.reshape(1, 1, 1, -1), (1, 1), ((0, 0), (radius, radius)),
-                                      precision=lax.Precision.HIGHEST)
-    return planes.reshape(channels, height * width).T
+    planes = lax.conv_general_dilated(planes, kernel.reshape(1, -1, 1, 1), (1, 1), ((0, 0), (radius, radius)),
+                                      dimension_numbers=dimensions, precision=lax.Precision.HIGHEST)
+    return planes.reshape(height * width, -1)
 
   return apply
 
@@ -256,7 +255,7 @@ def _scale_factors(dim: int) -> np.ndarray:
 
 
 def _elevate(features: Array) -> Array:
-  """`[N, d] -> [N, d+1]`: features onto the hyperplane `sum = 0` (Adams et al. 2010, p.5), densecrf's order."""
+  """`[N, d] -> [N, d+1]`: features onto the hyperplane `sum = 0` (Adams et al. 2010, p.5), as densecrf."""
   dim = features.shape[-1]
   scale = _scale_factors(dim)
   columns = [None] * (dim + 1)
@@ -405,8 +404,9 @@ def _make_lattice(corners: _Corners, capacity: int) -> _Lattice:
                                  jnp.array([capacity], jnp.int32)])  # slot table_size: no vertex
   vertices = row_of_slot[corners.slot]
   owner = jnp.clip(corners.owner, 0, corners.slot.shape[0] - 1)
-  unique_keys = tuple(jnp.zeros((capacity + 1,), jnp.int32).at[row_of_slot[:-1]].set(coordinate[owner])[:capacity]
-                      for coordinate in corners.keys)
+  unique_keys = tuple(
+      jnp.zeros((capacity + 1,), jnp.int32).at[row_of_slot[:-1]].set(coordinate[owner])[:capacity]
+      for coordinate in corners.keys)
   rows = jnp.arange(capacity, dtype=jnp.int32)
   used = rows < corners.num_vertices
   neighbours = []

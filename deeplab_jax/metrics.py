@@ -26,6 +26,9 @@ def confusion_matrix(labels: Array, predictions: Array, num_classes: int,
   Returns:
     `[K, K]` int32 matrix, rows indexed by the label and columns by the prediction.
   """
+  # int32 first: `labels * num_classes` would wrap around for uint8 labels (PNG masks).
+  labels = labels.astype(jnp.int32)
+  predictions = predictions.astype(jnp.int32)
   valid = (labels >= 0) & (labels < num_classes)
   if valid_mask is not None:
     valid_mask = valid_mask.astype(bool)

@@ -15,7 +15,7 @@ SINGLE = dict(capacity_fractions=())  # one lattice size: one compilation per te
 
 
 def voc_case(shared_data, image_id: str, size=None, crop=None, num_classes=21, seed=0):
-  """(uint8 image [H, W, 3], float32 probabilities [H, W, K]) of a real VOC image; unaries from its noisy GT."""
+  """(uint8 image [H, W, 3], float32 probabilities [H, W, K]) of a real VOC image, from its noisy GT."""
   voc = shared_data / 'voc2012_train_subset'
   image = Image.open(voc / 'JPEGImages' / f'{image_id}.jpg').convert('RGB')
   label = Image.open(voc / 'SegmentationClass' / f'{image_id}.png')
@@ -36,8 +36,9 @@ def run(fn, image, probabilities, params, **kwargs):
 
 
 def test_params_paper_defaults_and_config():
-  assert (V1.w1, V1.theta_alpha, V1.theta_beta, V1.w2, V1.theta_gamma, V1.num_iterations) == (4, 121, 5, 3, 3, 10)
-  assert (V2.w1, V2.theta_alpha, V2.theta_beta, V2.w2, V2.theta_gamma, V2.num_iterations) == (4, 67, 3, 3, 1, 10)
+  fields = lambda p: (p.w1, p.theta_alpha, p.theta_beta, p.w2, p.theta_gamma, p.num_iterations)
+  assert fields(V1) == (4, 121, 5, 3, 3, 10)
+  assert fields(V2) == (4, 67, 3, 3, 1, 10)
   config = ml_collections.ConfigDict(dict(enabled=True, w1=5, theta_alpha=80, theta_beta=4, w2=2,
                                           theta_gamma=2, num_iterations=5))
   assert crf.CRFParams.from_config(config) == crf.CRFParams(5.0, 80.0, 4.0, 2.0, 2.0, 5)
@@ -86,7 +87,8 @@ def test_lattice_mean_field_close_to_exact_32x32(shared_data):
   # 32x32 crop, 21 classes, 10 iterations, measured mean |dQ| / max |dQ| / argmax agreement:
   # V2 8.4e-4 / 0.94 / 99.2%, V1 3.7e-4 / 0.79 / 99.5%, bilateral term alone 3.7e-3 / 0.86 / 97.5%.
   image, probabilities = voc_case(shared_data, '2007_000032', crop=np.s_[100:132, 200:232])
-  for params, mean_bound, agreement in ((V2, 1.5e-3, 0.99), (V1, 1e-3, 0.99), (crf.CRFParams(w2=0.0), 6e-3, 0.97)):
+  cases = ((V2, 1.5e-3, 0.99), (V1, 1e-3, 0.99), (crf.CRFParams(w2=0.0), 6e-3, 0.97))
+  for params, mean_bound, agreement in cases:
     lattice = run(crf.dense_crf, image, probabilities, params, **SINGLE)
     exact = run(crf.dense_crf_exact, image, probabilities, params)
     difference = np.abs(lattice - exact)
@@ -104,8 +106,8 @@ def _pydensecrf(image, probabilities, params, normalization='symmetric'):
   model.setUnaryEnergy(np.ascontiguousarray(unary, np.float32))
   if params.w2:
     model.addPairwiseGaussian(sxy=params.theta_gamma, compat=params.w2, normalization=kind)
-  model.addPairwiseBilateral(sxy=params.theta_alpha, srgb=params.theta_beta, rgbim=np.ascontiguousarray(image),
-                             compat=params.w1, normalization=kind)
+  model.addPairwiseBilateral(sxy=params.theta_alpha, srgb=params.theta_beta,
+                             rgbim=np.ascontiguousarray(image), compat=params.w1, normalization=kind)
   return np.array(model.inference(params.num_iterations)).T.reshape(height, width, num_classes)
 
 

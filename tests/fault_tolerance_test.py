@@ -556,7 +556,7 @@ def test_load_pretrained_skips_a_damaged_latest_step_of_a_run(tmp_path, caplog):
 
 def _main(args, env_devices=1, **popen):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={env_devices}')
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={env_devices} --xla_backend_optimization_level=0')
   return subprocess.Popen([sys.executable, '-m', 'deeplab_jax.main', *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 

@@ -19,8 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_main(args, devices, extra_env=None, wait=True):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             **(extra_env or {}))
+  xla_flags = f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags, **(extra_env or {}))
   # The tests' persistent compilation cache is per machine: processes of one multi-process run that find
   # different entries in it were seen to wait forever on their first collective.
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
@@ -50,7 +50,11 @@ def test_two_processes_train_like_one_process(tmp_path):
   address = f'localhost:{_free_port()}'
   processes = [_run_main(flags + ['--num_processes=2', f'--process_id={i}', f'--coordinator_address={address}'],
                          devices=4, wait=False) for i in range(2)]
-  outputs = [p.communicate(timeout=300) for p in processes]
+  try:
+    outputs = [p.communicate(timeout=300) for p in processes]
+  finally:  # a hung pair must not outlive the test
+    for process in processes:
+      process.kill()
   for process, (_, err) in zip(processes, outputs):
     assert process.returncode == 0, err[-3000:]
   assert 'on 8 devices (2 processes)' in outputs[0][1] + outputs[0][0]

@@ -55,3 +55,11 @@ def test_summary_and_table():
 def test_empty_confusion_is_zero():
   cm = np.zeros((3, 3), np.int64)
   assert metrics.mean_iou(cm) == 0.0 and metrics.pixel_accuracy(cm) == 0.0
+
+
+def test_confusion_matrix_of_uint8_labels_does_not_wrap():
+  # 21 classes: label 20 * 21 + prediction would wrap around in uint8 (a PNG mask's dtype).
+  labels = jnp.asarray([[[20, 13, 255]]], jnp.uint8)
+  predictions = jnp.asarray([[[20, 12, 0]]], jnp.uint8)
+  confusion = np.asarray(metrics.confusion_matrix(labels, predictions, 21))
+  assert confusion.sum() == 2 and confusion[20, 20] == 1 and confusion[13, 12] == 1
