@@ -16,7 +16,6 @@ from deeplab_jax import datasets
 from deeplab_jax.datasets import ade20k
 from deeplab_jax.datasets import cityscapes
 from deeplab_jax.datasets import common
-from deeplab_jax.datasets import folder
 from deeplab_jax.datasets import synthetic
 from deeplab_jax.datasets import voc
 

@@ -25,7 +25,6 @@ import optax
 from PIL import Image
 import pytest
 
-from configs import default
 from deeplab_jax import checkpoint
 from deeplab_jax import datasets
 from deeplab_jax import run_lock

@@ -8,7 +8,7 @@ pixel) and a user's `model.apply(variables, images)` need nothing else. It retur
 multi-scale evaluation merges. It also sows 'backbone_features', 'decoder_tap', 'aspp_projection' into the
 'intermediates' collection, for tests against the official graph and debugging.
 """
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
