@@ -15,6 +15,7 @@ Each prints mIoU over the 21 classes (tf.metrics.mean_iou convention) and the di
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 
 from absl import app
@@ -26,11 +27,13 @@ from PIL import Image
 
 from ai_edge_litert.interpreter import Interpreter
 from ai_edge_litert.interpreter import OpResolverType
-from configs import voc_mobilenetv2
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import voc_mobilenetv2  # noqa: E402
 from deeplab_jax import convert
 from deeplab_jax import evaluate
 from deeplab_jax import metrics
 from deeplab_jax import train
+from voc_subset import voc_manual_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared' / 'data'
@@ -63,19 +66,6 @@ def official_runtime_miou(model_path: str, voc: pathlib.Path, ids: list) -> floa
     confusion += np.bincount(label[valid].astype(np.int64) * 21 + prediction[valid],
                              minlength=21 * 21).reshape(21, 21)
   return metrics.mean_iou(confusion)
-
-
-def voc_manual_dir(voc: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
-  """A VOCdevkit/VOC2012 view of the subset whose train and val lists are both its images."""
-  devkit = root / 'manual' / 'VOCdevkit' / 'VOC2012'
-  (devkit / 'ImageSets' / 'Segmentation').mkdir(parents=True, exist_ok=True)
-  for name in ('JPEGImages', 'SegmentationClass'):
-    if not (devkit / name).exists():
-      (devkit / name).symlink_to(voc / name)
-  ids = (voc / 'ImageSets' / 'Segmentation' / 'train.txt').read_text()
-  for split in ('train', 'val'):
-    (devkit / 'ImageSets' / 'Segmentation' / f'{split}.txt').write_text(ids)
-  return root / 'manual'
 
 
 def main(argv):

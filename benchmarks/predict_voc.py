@@ -13,6 +13,7 @@ Prints both mIoUs, their difference, the number of pixels whose labels differ, a
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
@@ -22,13 +23,15 @@ from absl import logging
 import jax
 import numpy as np
 
-from configs import voc_mobilenetv2
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from configs import voc_mobilenetv2  # noqa: E402
 from deeplab_jax import convert
 from deeplab_jax import evaluate
 from deeplab_jax import metrics
 from deeplab_jax import predict
 from deeplab_jax import train
 from deeplab_jax import visualize
+from voc_subset import voc_manual_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared' / 'data'
@@ -38,19 +41,6 @@ flags.DEFINE_string('model', str(SHARED / 'official_tflite' / 'deeplabv3_mnv2_pa
 flags.DEFINE_string('voc_dir', str(SHARED / 'voc2012_train_subset'), 'VOC2012-layout folder with train.txt.')
 flags.DEFINE_string('work_dir', '', 'Scratch directory (default: a new temporary one, kept, printed).')
 flags.DEFINE_integer('batch_size', 4, 'Prediction batch size.')
-
-
-def voc_manual_dir(voc: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
-  """A VOCdevkit/VOC2012 view of the subset whose train and val lists are both its images."""
-  devkit = root / 'manual' / 'VOCdevkit' / 'VOC2012'
-  (devkit / 'ImageSets' / 'Segmentation').mkdir(parents=True, exist_ok=True)
-  for name in ('JPEGImages', 'SegmentationClass'):
-    if not (devkit / name).exists():
-      (devkit / name).symlink_to(voc / name)
-  ids = (voc / 'ImageSets' / 'Segmentation' / 'train.txt').read_text()
-  for split in ('train', 'val'):
-    (devkit / 'ImageSets' / 'Segmentation' / f'{split}.txt').write_text(ids)
-  return root / 'manual'
 
 
 def confusion_of_pngs(label_dir: pathlib.Path, truth_dir: pathlib.Path, ids: list) -> np.ndarray:
