@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deeplab_jax.models import conv_ops
+
 Array = jax.Array
 DEPTHWISE_IMPLS = ('auto', 'grouped', 'shifted')
 
@@ -136,7 +138,8 @@ class ShiftedDepthwiseConv(nn.Module):
   """Depthwise conv as k*k shifted multiply-adds over a padded input: the fast formulation on XLA:CPU.
 
   Holds exactly the parameter `nn.Conv(..., feature_group_count=C)` holds (`kernel` `[kh, kw, 1, C]`), so
-  the two implementations are interchangeable on the same variables.
+  the two implementations are interchangeable on the same variables. Its backward pass recomputes the
+  shifted slices instead of keeping them (`conv_ops.depthwise_conv2d_shifted`).
   """
   kernel_size: int
   strides: int = 1
@@ -147,31 +150,35 @@ class ShiftedDepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    channels = x.shape[-1]
-    k, s, r = self.kernel_size, self.strides, self.rate
-    kernel = self.param('kernel', self.kernel_init, (k, k, 1, channels), jnp.float32)
-    kernel = kernel.astype(self.dtype)
-    x = x.astype(self.dtype)
-    k_eff = k + (k - 1) * (r - 1)
-    if self.padding == 'SAME':
-      pads = jax.lax.padtype_to_pads(x.shape[1:3], (k_eff, k_eff), (s, s), 'SAME')
-    elif self.padding == 'VALID':
-      pads = ((0, 0), (0, 0))
-    else:
-      pads = self.padding
-    x = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    out_h = (x.shape[1] - k_eff) // s + 1
-    out_w = (x.shape[2] - k_eff) // s + 1
-    out = None
-    for i in range(k):
-      for j in range(k):
-        patch = jax.lax.slice(
-            x, (0, i * r, j * r, 0),
-            (x.shape[0], i * r + (out_h - 1) * s + 1, j * r + (out_w - 1) * s + 1, channels),
-            (1, s, s, 1))
-        term = patch * kernel[i, j, 0]
-        out = term if out is None else out + term
-    return out
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, 1, x.shape[-1]), jnp.float32)
+    return conv_ops.depthwise_conv2d_shifted(x.astype(self.dtype), kernel.astype(self.dtype),
+                                             stride=self.strides, rate=self.rate, padding=self.padding)
+
+
+class Conv(nn.Module):
+  """2-D convolution with the parameters of `nn.Conv` (`kernel` `[k, k, C, O]`, optional `bias` `[O]`).
+
+  Computed by `conv_ops.conv2d`: XLA's convolution, with gradients written as matrix products on CPU.
+  """
+  features: int
+  kernel_size: int
+  strides: int = 1
+  rate: int = 1
+  padding: Any = 'SAME'
+  use_bias: bool = False
+  kernel_init: Callable = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+    y = conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.strides,
+                        rate=self.rate, padding=self.padding)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+    return y
 
 
 def conv(x: Array, features: int, kernel_size: int, *, name: str, stride: int = 1, rate: int = 1,
@@ -182,12 +189,9 @@ def conv(x: Array, features: int, kernel_size: int, *, name: str, stride: int = 
   padding: 'SAME' (TF semantics, also at stride > 1, as MobileNetV2) or 'EXPLICIT' (TF `conv2d_same`:
   symmetric padding then VALID when strided; same as SAME at stride 1).
   """
-  return nn.Conv(
-      features, (kernel_size, kernel_size), strides=(stride, stride),
-      padding=_conv_padding(kernel_size, stride, rate, padding), kernel_dilation=(rate, rate),
-      use_bias=use_bias, kernel_init=kernel_init or nn.initializers.variance_scaling(
-          2.0, 'fan_in', 'truncated_normal'),
-      dtype=dtype, param_dtype=jnp.float32, name=name)(x)
+  return Conv(features, kernel_size, stride, rate, _conv_padding(kernel_size, stride, rate, padding),
+              use_bias, kernel_init or nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal'),
+              dtype, name=name)(x)
 
 
 def depthwise_conv(x: Array, kernel_size: int, *, name: str, stride: int = 1, rate: int = 1,

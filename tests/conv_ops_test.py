@@ -1,0 +1,97 @@
+"""The CPU convolution backward passes equal XLA's autodiff gradients (stride, dilation, padding variants)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from deeplab_jax.models import conv_ops
+
+# (kernel, stride, rate, padding, input size): 1x1 as matmuls (also strided, as the shortcut convs), k x k with
+# atrous rates, TF SAME on odd/even sizes, the explicit `conv2d_same` pads of strided convs, VALID.
+CASES = [
+    (1, 1, 1, 'SAME', 9),
+    (1, 2, 1, 'SAME', 9),
+    (1, 2, 1, 'VALID', 8),
+    (3, 1, 1, 'SAME', 9),
+    (3, 1, 2, 'SAME', 9),
+    (3, 1, 4, 'SAME', 10),
+    (3, 2, 1, 'SAME', 10),
+    (3, 2, 1, ((1, 1), (1, 1)), 9),
+    (3, 2, 2, ((2, 2), (2, 2)), 10),
+    (3, 1, 1, 'VALID', 7),
+    (7, 2, 1, ((3, 3), (3, 3)), 11),
+    (2, 1, 3, ((1, 2), (2, 1)), 8),
+]
+
+
+def _xla_conv(x, kernel, stride, rate, padding):
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding, rhs_dilation=(rate, rate),
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  precision=lax.Precision.HIGHEST)
+
+
+def _data(channels, kernel_shape, size, seed=0):
+  """`[2, size, size + 1, channels]` input (non-square, to catch swapped axes) and a kernel, both N(0, 1)."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(2, size, size + 1, channels)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=kernel_shape), jnp.float32)
+  return x, kernel
+
+
+@pytest.mark.parametrize('k,stride,rate,padding,size', CASES)
+def test_conv2d_values_and_gradients_equal_autodiff(k, stride, rate, padding, size):
+  x, kernel = _data(4, (k, k, 4, 6), size)
+  reference = functools.partial(_xla_conv, stride=stride, rate=rate, padding=padding)
+  ours = functools.partial(conv_ops.conv2d, stride=stride, rate=rate, padding=padding)
+  y = reference(x, kernel)
+  np.testing.assert_allclose(ours(x, kernel), y, atol=1e-5, rtol=1e-5)
+  dy = jnp.asarray(np.random.default_rng(1).normal(size=y.shape), jnp.float32)
+  expected = jax.vjp(reference, x, kernel)[1](dy)
+  # The CPU formulation itself (this is the backend the tests run on, so the custom_vjp picks it too).
+  pads = conv_ops.explicit_padding(x.shape[1:3], k, stride, rate, padding)
+  direct = conv_ops.cpu_conv_grads(x, kernel, dy, stride=stride, rate=rate, pads=pads)
+  through_vjp = jax.vjp(ours, x, kernel)[1](dy)
+  for got in (direct, through_vjp):
+    for g, e in zip(got, expected):
+      assert g.shape == e.shape
+      np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('k,stride,rate,padding,size', [c for c in CASES if c[0] > 1])
+def test_shifted_depthwise_values_and_gradients_equal_grouped_autodiff(k, stride, rate, padding, size):
+  channels = 5
+  x, kernel = _data(channels, (k, k, 1, channels), size)
+
+  def grouped(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (stride, stride), padding, rhs_dilation=(rate, rate),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=channels,
+                                    precision=lax.Precision.HIGHEST)
+
+  ours = functools.partial(conv_ops.depthwise_conv2d_shifted, stride=stride, rate=rate, padding=padding)
+  y = grouped(x, kernel)
+  np.testing.assert_allclose(ours(x, kernel), y, atol=1e-5, rtol=1e-5)
+  dy = jnp.asarray(np.random.default_rng(2).normal(size=y.shape), jnp.float32)
+  for g, e in zip(jax.vjp(ours, x, kernel)[1](dy), jax.vjp(grouped, x, kernel)[1](dy)):
+    np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_second_order_and_jit_compose():
+  """The custom backward is differentiable under jit like any JAX function (e.g. for gradient penalties)."""
+  x, kernel = _data(4, (3, 3, 4, 3), 6)
+  loss = lambda f: (lambda w: jnp.sum(jnp.sin(f(x, w))))
+  ours = jax.jit(jax.grad(loss(conv_ops.conv2d)))
+  reference = jax.grad(loss(lambda x, w: _xla_conv(x, w, 1, 1, 'SAME')))
+  np.testing.assert_allclose(ours(kernel), reference(kernel), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_gradients_keep_the_input_dtypes():
+  x, kernel = _data(4, (3, 3, 4, 6), 9)
+  x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  dx, dkernel = jax.grad(lambda x, w: jnp.sum(conv_ops.conv2d(x, w).astype(jnp.float32)), (0, 1))(x, kernel)
+  assert dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.bfloat16
+  expected = jax.grad(lambda w: jnp.sum(_xla_conv(x.astype(jnp.float32), w, 1, 1, 'SAME')))(
+      kernel.astype(jnp.float32))
+  np.testing.assert_allclose(dkernel.astype(jnp.float32), expected, rtol=0.05, atol=0.5)
