@@ -55,18 +55,24 @@ def _tap_slice(x_padded: Array, i: int, j: int, rate: int, stride: int, out_h: i
                    (1, stride, stride, 1))
 
 
-def _untap(values: Array, i: int, j: int, rate: int, stride: int, x_shape: Sequence[int], pads: Pads) -> Array:
-  """Transpose of `_tap_slice` followed by the crop of the padding: `[B, oh, ow, C]` -> `[B, H, W, C]`.
+def _untap(values: Array, i: int, j: int, rate: int, stride: int, padded_shape: Sequence[int]) -> Array:
+  """Transpose of `_tap_slice`: `[B, oh, ow, C]` -> the padded input's shape, zeros where the tap did not read.
 
-  One `lax.pad` (negative edges crop): value (p, q) lands on input pixel (p * stride + i * rate - top, ...).
+  Value (p, q) lands on padded pixel (p * stride + i * rate, q * stride + j * rate). The pads are all
+  non-negative, so XLA fuses a sum of these into one loop (negative ones, i.e. cropping here, make it
+  materialise each tap's padded copy); callers crop the padding once, after summing.
   """
   config = [(0, 0, 0)]
-  for axis, (tap, (lo, _)) in enumerate(((i, pads[0]), (j, pads[1])), start=1):
-    low = tap * rate - lo
+  for axis, tap in ((1, i), (2, j)):
     filled = (values.shape[axis] - 1) * stride + 1
-    config.append((low, x_shape[axis] - low - filled, stride - 1))
+    config.append((tap * rate, padded_shape[axis] - tap * rate - filled, stride - 1))
   config.append((0, 0, 0))
   return lax.pad(values, jnp.zeros((), values.dtype), config)
+
+
+def _crop(x_padded: Array, pads: Pads, shape: Sequence[int]) -> Array:
+  return lax.slice(x_padded, (0, pads[0][0], pads[1][0], 0),
+                   (shape[0], pads[0][0] + shape[1], pads[1][0] + shape[2], shape[3]))
 
 
 def _matmul_channels(x: Array, w: Array) -> Array:
@@ -114,7 +120,7 @@ def cpu_conv_grads(x: Array, kernel: Array, dy: Array, *, stride: int, rate: int
   out_h, out_w = dy.shape[1:3]
   if _is_pointwise(kernel, pads):
     dx_taken = _matmul_channels(dy, kernel[0, 0].T)
-    dx = _untap(dx_taken, 0, 0, rate, stride, x.shape, pads) if stride > 1 else dx_taken
+    dx = _crop(_untap(dx_taken, 0, 0, rate, stride, x.shape), pads, x.shape) if stride > 1 else dx_taken
     return dx, _pixels_outer(x[:, ::stride, ::stride, :], dy)[None, None]
   _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, stride, rate, pads), x)
   (dx,) = input_vjp(dy)
@@ -186,11 +192,12 @@ def shifted_depthwise_grads(x: Array, kernel: Array, dy: Array, *, stride: int, 
   k_h, k_w = kernel.shape[:2]
   out_h, out_w = dy.shape[1:3]
   x_padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  dx = None
+  dx_padded = None
   for i in range(k_h):
     for j in range(k_w):
-      term = _untap(dy * kernel[i, j, 0], i, j, rate, stride, x.shape, pads)
-      dx = term if dx is None else dx + term
+      term = _untap(dy * kernel[i, j, 0], i, j, rate, stride, x_padded.shape)
+      dx_padded = term if dx_padded is None else dx_padded + term
+  dx = _crop(dx_padded, pads, x.shape)
   rows_read = (k_h - 1) * rate + 1
 
   def row(n, dkernel):
