@@ -9,8 +9,10 @@ from jax import lax
 
 from deeplab_jax.models import conv_ops
 
-# (kernel, stride, rate, padding, input size): 1x1 as matmuls (also strided, as the shortcut convs), k x k with
-# atrous rates, TF SAME on odd/even sizes, the explicit `conv2d_same` pads of strided convs, VALID.
+# (kernel, stride, rate, padding, input size): 1x1 as matmuls (also strided, as the shortcut convs), k x k
+# with atrous rates, TF SAME on odd/even sizes, the explicit `conv2d_same` pads of strided convs, VALID.
+# Atrous convs on small maps take the per-tap matmul form (rate 6 on 5 pixels: taps reading padding only
+# are skipped), on larger ones XLA's dilated conv (rate 2 on 33 pixels).
 CASES = [
     (1, 1, 1, 'SAME', 9),
     (1, 2, 1, 'SAME', 9),
@@ -24,13 +26,31 @@ CASES = [
     (3, 1, 1, 'VALID', 7),
     (7, 2, 1, ((3, 3), (3, 3)), 11),
     (2, 1, 3, ((1, 2), (2, 1)), 8),
+    (3, 1, 6, 'SAME', 5),
+    (3, 1, 2, 'SAME', 33),
 ]
+
+
+def test_both_atrous_forms_are_covered():
+  def form(rate, size):
+    pads = conv_ops.explicit_padding((size, size + 1), 3, 1, rate, 'SAME')
+    return conv_ops._use_tap_form((2, size, size + 1, 4), (3, 3, 4, 6), 1, rate, pads, (2, size, size + 1, 6))
+
+  assert form(6, 5) and form(4, 10) and form(3, 8)
+  assert not form(2, 33) and not form(1, 9)
 
 
 def _xla_conv(x, kernel, stride, rate, padding):
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding, rhs_dilation=(rate, rate),
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                   precision=lax.Precision.HIGHEST)
+
+
+def _assert_close(got, expected):
+  """Equal to 1e-5 relative or 1e-5 of the largest magnitude (float32 sums of thousands of N(0, 1) terms)."""
+  expected = np.asarray(expected)
+  assert got.shape == expected.shape
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(expected).max())))
 
 
 def _data(channels, kernel_shape, size, seed=0):
@@ -56,8 +76,7 @@ def test_conv2d_values_and_gradients_equal_autodiff(k, stride, rate, padding, si
   through_vjp = jax.vjp(ours, x, kernel)[1](dy)
   for got in (direct, through_vjp):
     for g, e in zip(got, expected):
-      assert g.shape == e.shape
-      np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
+      _assert_close(g, e)
 
 
 @pytest.mark.parametrize('k,stride,rate,padding,size', [c for c in CASES if c[0] > 1])
@@ -75,7 +94,7 @@ def test_shifted_depthwise_values_and_gradients_equal_grouped_autodiff(k, stride
   np.testing.assert_allclose(ours(x, kernel), y, atol=1e-5, rtol=1e-5)
   dy = jnp.asarray(np.random.default_rng(2).normal(size=y.shape), jnp.float32)
   for g, e in zip(jax.vjp(ours, x, kernel)[1](dy), jax.vjp(grouped, x, kernel)[1](dy)):
-    np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
+    _assert_close(g, e)
 
 
 def test_second_order_and_jit_compose():
