@@ -10,8 +10,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile the same tiny models many times: a persistent compilation cache saves minutes on 2 cores.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "deeplab_jax_test_xla_cache"))
+# One folder per pytest-xdist worker: JAX writes cache entries without a lock, so two workers sharing a folder
+# could read each other's half-written files.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), "deeplab_jax_test_xla_cache" + os.environ.get("PYTEST_XDIST_WORKER", "")))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
