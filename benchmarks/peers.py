@@ -44,11 +44,12 @@ import os
 import pathlib
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+
+import timing  # benchmarks/timing.py (this folder is sys.path[0] when run as a script)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ (parent and children); the children import the library lazily
@@ -99,45 +100,6 @@ ROWS = {  # row name -> the measurements it reads
 # ----------------------------------------------------------------------------------------------------
 
 
-def _peak_rss_mib() -> float:
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith('VmHWM:'):
-        return int(line.split()[1]) / 1024
-  raise RuntimeError('VmHWM not found in /proc/self/status.')
-
-
-def _reset_peak_rss() -> bool:
-  """Resets VmHWM to the current RSS (Linux clear_refs '5'), so a later read covers only what follows."""
-  try:
-    with open('/proc/self/clear_refs', 'w') as f:
-      f.write('5')
-    return True
-  except OSError:
-    return False
-
-
-def _time_runs(run, warmup: int, repeats: int) -> dict:
-  """Calls `run()` (which blocks until its results exist) `warmup` + `repeats` times; times and peak RSS.
-
-  The peak RSS of the whole process (`peak_rss_mib`: model building and compilation included) and of the
-  runs alone (`peak_rss_runs_mib`: VmHWM reset before the first run; None where the kernel refuses).
-  """
-  def timed():
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-  peak_before = _peak_rss_mib()
-  reset = _reset_peak_rss()
-  warmup_s = [timed() for _ in range(warmup)]
-  times_s = [timed() for _ in range(repeats)]
-  peak_runs = _peak_rss_mib()
-  return {'warmup_s': warmup_s, 'times_s': times_s, 'median_s': statistics.median(times_s),
-          'peak_rss_mib': max(peak_before, peak_runs), 'peak_rss_runs_mib': peak_runs if reset else None,
-          'peak_rss_before_runs_mib': peak_before}
-
-
 def _ours_model_and_config(spec: dict):
   """The config of `spec['config']` with the spec's overrides, and the model it builds."""
   from deeplab_jax.models import create_model  # pylint: disable=g-import-not-at-top
@@ -161,7 +123,7 @@ def _child_ours_infer(spec: dict, warmup: int, repeats: int) -> dict:
     logits = jax.block_until_ready(forward(variables, images))
     assert logits.shape == (batch, size, size, config.model.num_classes), logits.shape
 
-  return {**_time_runs(run, warmup, repeats), 'compile_s': compile_s}
+  return {**timing.time_runs(run, warmup, repeats), 'compile_s': compile_s}
 
 
 def _child_ours_train(spec: dict, warmup: int, repeats: int) -> dict:
@@ -195,7 +157,7 @@ def _child_ours_train(spec: dict, warmup: int, repeats: int) -> dict:
     if not np.isfinite(float(step_metrics['total_loss'])):
       raise FloatingPointError(f'{spec["config"]} train loss is {float(step_metrics["total_loss"])}.')
 
-  return {**_time_runs(run, warmup, repeats), 'compile_s': compile_s, 'steps_done': int(holder['state'].step)}
+  return {**timing.time_runs(run, warmup, repeats), 'compile_s': compile_s, 'steps_done': int(holder['state'].step)}
 
 
 def _child_ours_pipeline(spec: dict, num_batches: int, voc_dir: str, data_dir: str) -> dict:
@@ -225,7 +187,7 @@ def _child_ours_pipeline(spec: dict, num_batches: int, voc_dir: str, data_dir: s
           'seconds': seconds, 'images': num_batches * t.batch_size, 'batch_size': t.batch_size,
           'num_workers': d.num_workers, 'prefetch_batches': d.prefetch_batches,
           'num_train_examples': dataset.info.num_train_examples, 'dataset_load_s': load_s,
-          'peak_rss_mib': _peak_rss_mib()}
+          'peak_rss_mib': timing.peak_rss_mib()}
 
 
 def run_child(spec: dict, args) -> dict:
@@ -240,7 +202,7 @@ def run_child(spec: dict, args) -> dict:
     result = _child_ours_train(spec, args.warmup, args.repeats)
   else:
     result = _child_ours_pipeline(spec, args.pipeline_batches, args.voc_dir, args.data_dir)
-  result.setdefault('peak_rss_mib', _peak_rss_mib())
+  result.setdefault('peak_rss_mib', timing.peak_rss_mib())
   result.update(devices=str(jax.devices()), backend=jax.default_backend())
   return result
 

@@ -21,11 +21,11 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
+
+import timing  # benchmarks/timing.py (standard library only)
 
 # Schemas of the torchvision operators its Python code registers fake implementations for at import
 # (torchvision/_meta_registrations.py: `register_fake('torchvision::nms')` and `'torchvision::qnms'`; the
@@ -98,24 +98,6 @@ def _logits(output) -> torch.Tensor:
   return output['out'] if isinstance(output, dict) else output  # torchvision returns {'out': logits}
 
 
-def _peak_rss_mib() -> float:
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith('VmHWM:'):
-        return int(line.split()[1]) / 1024
-  raise RuntimeError('VmHWM not found in /proc/self/status.')
-
-
-def _reset_peak_rss() -> bool:
-  """Resets VmHWM to the current RSS (Linux clear_refs '5'), so a later read covers only what follows."""
-  try:
-    with open('/proc/self/clear_refs', 'w') as f:
-      f.write('5')
-    return True
-  except OSError:
-    return False
-
-
 def measure(args) -> dict:
   """Times `args.warmup` then `args.repeats` runs of one inference or train step.
 
@@ -150,19 +132,7 @@ def measure(args) -> dict:
   else:
     raise ValueError(f'Unknown --mode {args.mode!r}; allowed: infer, train.')
 
-  def timed():
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-  rss_before_runs = _peak_rss_mib()
-  reset = _reset_peak_rss()
-  warmup = [timed() for _ in range(args.warmup)]
-  times = [timed() for _ in range(args.repeats)]
-  peak_runs = _peak_rss_mib()
-  return {'warmup_s': warmup, 'times_s': times, 'median_s': statistics.median(times),
-          'peak_rss_mib': max(rss_before_runs, peak_runs), 'peak_rss_runs_mib': peak_runs if reset else None,
-          'peak_rss_before_runs_mib': rss_before_runs, 'threads': torch.get_num_threads(),
+  return {**timing.time_runs(run, args.warmup, args.repeats), 'threads': torch.get_num_threads(),
           'params': sum(p.numel() for p in model.parameters())}
 
 
