@@ -85,6 +85,27 @@ def _pixels_outer(a: Array, b: Array) -> Array:
   return lax.dot_general(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), (((0,), (0,)), ((), ())))
 
 
+def _with_backward(forward, grads):
+  """`forward(x, kernel, stride, rate, pads)` with the backward pass `grads(x, kernel, dy, **static)`.
+
+  Only the inputs are kept for the backward pass; the gradients come back in the inputs' dtypes.
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+  def op(x, kernel, stride, rate, pads):
+    return forward(x, kernel, stride, rate, pads)
+
+  def op_fwd(x, kernel, stride, rate, pads):
+    return forward(x, kernel, stride, rate, pads), (x, kernel)
+
+  def op_bwd(stride, rate, pads, residuals, dy):
+    x, kernel = residuals
+    dx, dkernel = grads(x, kernel, dy, stride=stride, rate=rate, pads=pads)
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+  op.defvjp(op_fwd, op_bwd)
+  return op
+
+
 # Plain 2-D convolution.
 
 
@@ -205,25 +226,13 @@ def cpu_conv_grads(x: Array, kernel: Array, dy: Array, *, stride: int, rate: int
   return dx, dkernel.reshape(kernel.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv2d(x, kernel, stride, rate, pads):
-  return _forward(x, kernel, stride, rate, pads)
-
-
-def _conv2d_fwd(x, kernel, stride, rate, pads):
-  return _forward(x, kernel, stride, rate, pads), (x, kernel)
-
-
-def _conv2d_bwd(stride, rate, pads, residuals, dy):
-  x, kernel = residuals
+def _platform_grads(x, kernel, dy, *, stride, rate, pads):
   kw = dict(stride=stride, rate=rate, pads=pads)
-  dx, dkernel = lax.platform_dependent(
-      x, kernel, dy, cpu=functools.partial(cpu_conv_grads, **kw),
-      default=functools.partial(_xla_conv_grads, **kw))
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+  return lax.platform_dependent(x, kernel, dy, cpu=functools.partial(cpu_conv_grads, **kw),
+                                default=functools.partial(_xla_conv_grads, **kw))
 
 
-_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+_conv2d = _with_backward(_forward, _platform_grads)
 
 
 def conv2d(x: Array, kernel: Array, *, stride: int = 1, rate: int = 1, padding='SAME') -> Array:
@@ -287,22 +296,7 @@ def shifted_depthwise_grads(x: Array, kernel: Array, dy: Array, *, stride: int, 
   return dx, dkernel.reshape(kernel.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _shifted(x, kernel, stride, rate, pads):
-  return _shifted_forward(x, kernel, stride, rate, pads)
-
-
-def _shifted_fwd(x, kernel, stride, rate, pads):
-  return _shifted_forward(x, kernel, stride, rate, pads), (x, kernel)
-
-
-def _shifted_bwd(stride, rate, pads, residuals, dy):
-  x, kernel = residuals
-  dx, dkernel = shifted_depthwise_grads(x, kernel, dy, stride=stride, rate=rate, pads=pads)
-  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-
-
-_shifted.defvjp(_shifted_fwd, _shifted_bwd)
+_shifted = _with_backward(_shifted_forward, shifted_depthwise_grads)
 
 
 def depthwise_conv2d_shifted(x: Array, kernel: Array, *, stride: int = 1, rate: int = 1,
