@@ -189,9 +189,9 @@ def conv(x: Array, features: int, kernel_size: int, *, name: str, stride: int = 
   padding: 'SAME' (TF semantics, also at stride > 1, as MobileNetV2) or 'EXPLICIT' (TF `conv2d_same`:
   symmetric padding then VALID when strided; same as SAME at stride 1).
   """
+  init = {} if kernel_init is None else {'kernel_init': kernel_init}  # else Conv's He-normal default
   return Conv(features, kernel_size, stride, rate, _conv_padding(kernel_size, stride, rate, padding),
-              use_bias, kernel_init or nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal'),
-              dtype, name=name)(x)
+              use_bias, dtype=dtype, name=name, **init)(x)
 
 
 def depthwise_conv(x: Array, kernel_size: int, *, name: str, stride: int = 1, rate: int = 1,
