@@ -106,11 +106,15 @@ def test_second_order_and_jit_compose():
   np.testing.assert_allclose(ours(kernel), reference(kernel), atol=1e-5, rtol=1e-5)
 
 
-def test_bfloat16_gradients_keep_the_input_dtypes():
+@pytest.mark.parametrize('stride', [1, 2])
+def test_bfloat16_gradients_keep_the_input_dtypes(stride):
+  """bf16 models (config.model.dtype='bfloat16') train: every backward path returns the inputs' dtypes."""
   x, kernel = _data(4, (3, 3, 4, 6), 9)
   x, kernel = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-  dx, dkernel = jax.grad(lambda x, w: jnp.sum(conv_ops.conv2d(x, w).astype(jnp.float32)), (0, 1))(x, kernel)
-  assert dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.bfloat16
-  expected = jax.grad(lambda w: jnp.sum(_xla_conv(x.astype(jnp.float32), w, 1, 1, 'SAME')))(
+  loss = lambda x, w: jnp.sum(conv_ops.conv2d(x, w, stride=stride).astype(jnp.float32))
+  for grad in (jax.grad(loss, (0, 1)), jax.jit(jax.grad(loss, (0, 1)))):
+    dx, dkernel = grad(x, kernel)
+    assert dx.dtype == jnp.bfloat16 and dkernel.dtype == jnp.bfloat16
+  expected = jax.grad(lambda w: jnp.sum(_xla_conv(x.astype(jnp.float32), w, stride, 1, 'SAME')))(
       kernel.astype(jnp.float32))
   np.testing.assert_allclose(dkernel.astype(jnp.float32), expected, rtol=0.05, atol=0.5)

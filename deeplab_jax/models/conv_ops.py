@@ -227,9 +227,13 @@ def cpu_conv_grads(x: Array, kernel: Array, dy: Array, *, stride: int, rate: int
 
 
 def _platform_grads(x, kernel, dy, *, stride, rate, pads):
-  kw = dict(stride=stride, rate=rate, pads=pads)
-  return lax.platform_dependent(x, kernel, dy, cpu=functools.partial(cpu_conv_grads, **kw),
-                                default=functools.partial(_xla_conv_grads, **kw))
+  def in_input_dtypes(grads):  # both branches of the switch must return the same types (bf16 models)
+    def branch(x, kernel, dy):
+      dx, dkernel = grads(x, kernel, dy, stride=stride, rate=rate, pads=pads)
+      return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+    return branch
+  return lax.platform_dependent(x, kernel, dy, cpu=in_input_dtypes(cpu_conv_grads),
+                                default=in_input_dtypes(_xla_conv_grads))
 
 
 _conv2d = _with_backward(_forward, _platform_grads)
