@@ -40,7 +40,6 @@ from typing import Any, Optional, Sequence, Union
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 from jax import export as jax_export
 import jax.numpy as jnp
@@ -281,11 +280,8 @@ def main(argv: Sequence[str]) -> None:
   """`python -m deeplab_jax.export`: see the module docstring and `--help`."""
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's per-read INFO lines would bury the progress
+  protocol = predict.protocol_from_flags(FLAGS)
   variables, config, step = predict.load_checkpoint(FLAGS.checkpoint, FLAGS.step)
-  protocol = dict(output_stride=FLAGS.output_stride, flip=FLAGS.flip,
-                  scales=[float(s) for s in FLAGS.eval_scales] if FLAGS.eval_scales else None)
   exported, metadata = export_model(config, variables, batch=FLAGS.batch, height=FLAGS.height,
                                     width=FLAGS.width, outputs=FLAGS.outputs, input_dtype=FLAGS.input_dtype,
                                     sizes_input=FLAGS.sizes_input, platforms=FLAGS.platforms, **protocol)
@@ -304,9 +300,8 @@ def main(argv: Sequence[str]) -> None:
 
 def _define_flags() -> None:
   """Command-line flags: defined only when run as a program, so importing this module defines none."""
-  flags.DEFINE_string('checkpoint', None, 'Training workdir or converted model dir, its checkpoints/ dir, or '
-                      'one step dir.', required=True)
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  predict.define_checkpoint_and_protocol_flags()
+  flags.adopt_module_key_flags(predict)  # listed by --help with this program's own flags
   flags.DEFINE_string('output', None, 'Artefact path, e.g. model.jax (metadata goes to <output>.json).',
                       required=True)
   flags.DEFINE_string('batch', DYNAMIC, f'Batch size, or {DYNAMIC!r} for a symbolic batch.')
@@ -321,11 +316,6 @@ def _define_flags() -> None:
                     'top-left of its row): exact eval padding for images smaller than the input. Default: on '
                     'unless height and width are both dynamic.')
   flags.DEFINE_list('platforms', ['cpu', 'cuda'], 'Platforms to lower for (cpu, cuda, rocm, tpu).')
-  flags.DEFINE_list('eval_scales', None, "Eval scales (default: the checkpoint's config.eval.scales).")
-  flags.DEFINE_bool('flip', None, "Also average left-right flips (default: the checkpoint's "
-                    'config.eval.flip).')
-  flags.DEFINE_integer('output_stride', None, "8, 16 or 32 (default: the checkpoint's "
-                       'config.eval.output_stride).')
   flags.DEFINE_string('saved_model', None, 'Also write a TensorFlow SavedModel to this folder (needs '
                       'TensorFlow).')
 

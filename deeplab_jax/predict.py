@@ -515,12 +515,10 @@ def main(argv: Sequence[str]) -> int:
   """`python -m deeplab_jax.predict`: see the module docstring and `--help`."""
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's per-read INFO lines would bury the progress
-  predictor = Predictor.from_checkpoint(
-      FLAGS.checkpoint, FLAGS.step, output_stride=FLAGS.output_stride,
-      scales=[float(s) for s in FLAGS.eval_scales] if FLAGS.eval_scales else None, flip=FLAGS.flip,
-      crf=FLAGS.crf, large_images=FLAGS.large_images, batch_size=FLAGS.batch_size)
+  protocol = protocol_from_flags(FLAGS)
+  predictor = Predictor.from_checkpoint(FLAGS.checkpoint, FLAGS.step, crf=FLAGS.crf,
+                                        large_images=FLAGS.large_images, batch_size=FLAGS.batch_size,
+                                        **protocol)
   paths = find_images(FLAGS.input)
   settings = predictor.settings()
   print(f'Segmenting {len(paths)} file(s) from {FLAGS.input} into {FLAGS.output}: {settings["dataset"]} '
@@ -539,21 +537,34 @@ def main(argv: Sequence[str]) -> int:
   return 0 if summary['images'] else 1
 
 
-def _define_flags() -> None:
-  """Command-line flags: defined only when run as a program, so importing this module defines none."""
+def define_checkpoint_and_protocol_flags() -> None:
+  """The flags `predict` and `export` share: which checkpoint, and overrides of its eval protocol."""
   flags.DEFINE_string('checkpoint', None, 'Training workdir or converted model dir (holding checkpoints/), '
                       'its checkpoints/ dir, or one step dir.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_string('input', None, 'An image file, a folder of images, or a glob (quote it).',
-                      required=True)
-  flags.DEFINE_string('output', None, 'Output folder (labels/, overlays/, probabilities/, predictions.json).',
-                      required=True)
   flags.DEFINE_list('eval_scales', None, 'Eval scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default: the '
                     "checkpoint's config.eval.scales).")
   flags.DEFINE_bool('flip', None, "Also average left-right flips (default: the checkpoint's "
                     'config.eval.flip).')
   flags.DEFINE_integer('output_stride', None, "8, 16 or 32 (default: the checkpoint's "
                        'config.eval.output_stride).')
+
+
+def protocol_from_flags(flag_values) -> dict:
+  """`output_stride`, `scales`, `flip` from those flags (None: the checkpoint's); quiets orbax's INFO lines."""
+  if not flag_values['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax's per-read INFO lines would bury the progress
+  return dict(output_stride=flag_values.output_stride, flip=flag_values.flip,
+              scales=[float(s) for s in flag_values.eval_scales] if flag_values.eval_scales else None)
+
+
+def _define_flags() -> None:
+  """Command-line flags: defined only when run as a program, so importing this module defines none."""
+  define_checkpoint_and_protocol_flags()
+  flags.DEFINE_string('input', None, 'An image file, a folder of images, or a glob (quote it).',
+                      required=True)
+  flags.DEFINE_string('output', None, 'Output folder (labels/, overlays/, probabilities/, predictions.json).',
+                      required=True)
   flags.DEFINE_bool('crf', None, "Refine with the dense CRF of the checkpoint's config.eval.crf (default: "
                     'config.eval.crf.enabled, on for the V1/V2 recipes).')
   flags.DEFINE_bool('save_probabilities', False, 'Also write probabilities/<name>.npy, [H, W, K] float32.')

@@ -60,14 +60,9 @@ class Ade20k(common.SegmentationBuilder, skip_registration=True):
       folder = _SPLIT_FOLDERS[split]
       prefix = f'images/{folder}/'
       stems = sorted(p[len(prefix):-len('.jpg')] for p in files if p.startswith(prefix) and p.endswith('.jpg'))
-      absent = [tree.location(f'annotations/{folder}/{s}.png') for s in stems
-                if not tree.exists(f'annotations/{folder}/{s}.png')]
-      if len(stems) != size or absent:
-        raise common.ManualDownloadError(
-            f"Dataset '{self.name}': split {split} has {len(stems)} images under {tree.location(prefix)} "
-            f'(expected {size}) and {len(absent)} missing annotations'
-            + (f': {common.list_examples(absent)}' if absent else '')
-            + f'. The download is incomplete; get {ARCHIVE} again from {URL}.')
+      common.check_split_complete(self.name, split, stems, size, f'under {tree.location(prefix)}', tree,
+                                  lambda stem: f'annotations/{folder}/{stem}.png',  # pylint: disable=cell-var-from-loop
+                                  'annotations', f'get {ARCHIVE} again from {URL}.')
       splits[split] = self._generate_examples(tree, folder, stems)
     return splits
 

@@ -63,14 +63,9 @@ class Cityscapes(common.SegmentationBuilder, skip_registration=True):
     for split, size in self.SPLIT_SIZES.items():
       stems = sorted(p[:-len('_leftImg8bit.png')] for p in images.files()
                      if p.startswith(f'{split}/') and p.endswith('_leftImg8bit.png'))
-      absent = [labels.location(f'{s}_gtFine_labelIds.png') for s in stems
-                if not labels.exists(f'{s}_gtFine_labelIds.png')]
-      if len(stems) != size or absent:
-        raise common.ManualDownloadError(
-            f"Dataset '{self.name}': split {split} has {len(stems)} images in {images.description} (expected "
-            f'{size}) and {len(absent)} missing label files'
-            + (f': {common.list_examples(absent)}' if absent else '')
-            + f'. The download is incomplete; get {IMAGE_ARCHIVE} and {LABEL_ARCHIVE} again from {URL}.')
+      common.check_split_complete(self.name, split, stems, size, f'in {images.description}', labels,
+                                  lambda stem: f'{stem}_gtFine_labelIds.png', 'label files',
+                                  f'get {IMAGE_ARCHIVE} and {LABEL_ARCHIVE} again from {URL}.')
       splits[split] = self._generate_examples(images, labels, stems)
     return splits
 

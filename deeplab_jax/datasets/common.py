@@ -66,6 +66,30 @@ def list_examples(names: Iterable[str], limit: int = 10) -> str:
   return shown + (f' ... and {len(names) - limit} more' if len(names) > limit else '')
 
 
+def check_split_complete(dataset: str, split: str, stems: Sequence[str], expected: int, where: str,
+                         labels: archives.FileTree, label_path: Callable[[str], str], missing_what: str,
+                         fix: str) -> None:
+  """Raises `ManualDownloadError` unless a split has its `expected` images and every one its label file.
+
+  Args:
+    dataset: the dataset name.
+    split: the split checked.
+    stems: the images found.
+    expected: the split's published size.
+    where: where they were looked for, as a phrase ('under images/training/', 'in <archive>').
+    labels: the file tree holding the label files.
+    label_path: the path in `labels` of a stem's label file.
+    missing_what: what the label files are called ('annotations', 'label files').
+    fix: the sentence saying what to download again.
+  """
+  missing = [labels.location(label_path(s)) for s in stems if not labels.exists(label_path(s))]
+  if len(stems) != expected or missing:
+    raise ManualDownloadError(
+        f"Dataset '{dataset}': split {split} has {len(stems)} images {where} (expected {expected}) and "
+        f'{len(missing)} missing {missing_what}' + (f': {list_examples(missing)}' if missing else '')
+        + f'. The download is incomplete; {fix}')
+
+
 class BadFileError(ValueError):
   """One source file cannot be used (unreadable, undecodable, wrong mode, size or values).
 
