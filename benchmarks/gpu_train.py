@@ -34,7 +34,6 @@ The parent prints a table and writes everything to `--json`. The PyTorch childre
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import platform
 import statistics
@@ -59,25 +58,13 @@ def child_ours(dtype: str, batch: int, size: int, warmup: int, steps: int) -> di
   import numpy as np  # pylint: disable=g-import-not-at-top
   from configs import voc_xception  # pylint: disable=g-import-not-at-top
   from deeplab_jax import flops  # pylint: disable=g-import-not-at-top
-  from deeplab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from deeplab_jax import optim  # pylint: disable=g-import-not-at-top
-  from deeplab_jax import train  # pylint: disable=g-import-not-at-top
   from deeplab_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  import peers  # pylint: disable=g-import-not-at-top  (benchmarks/, sys.path[0])
 
   config = voc_xception.get_config()
   config.model.dtype = {'f32': 'float32', 'bf16': 'bfloat16'}[dtype]
-  config.train.batch_size, config.train.crop_size = batch, (size, size)
   forward_macs, _ = flops.count_multiply_adds(config.model, size)
-  model = create_model(config.model)
-  mesh = train.create_mesh()
-  tx, schedule = optim.create_optimizer(config.train)
-  state = train.create_train_state(config, model, tx, mesh)
-  step_fn = train.make_train_step(config, model, tx, schedule, mesh)
-  rng = np.random.default_rng(0)
-  labels = rng.integers(0, config.model.num_classes, (batch, size, size), dtype=np.int32)
-  labels[rng.random(labels.shape) < 0.05] = config.dataset.ignore_label
-  batch_arrays = input_pipeline.shard_batch(
-      {'image': rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32), 'label': labels}, mesh)
+  step_fn, state, batch_arrays = peers.ours_train_setup(config, create_model(config.model), batch, size)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - start

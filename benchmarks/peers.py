@@ -126,25 +126,32 @@ def _child_ours_infer(spec: dict, warmup: int, repeats: int) -> dict:
   return {**timing.time_runs(run, warmup, repeats), 'compile_s': compile_s}
 
 
-def _child_ours_train(spec: dict, warmup: int, repeats: int) -> dict:
-  import jax  # pylint: disable=g-import-not-at-top
+def ours_train_setup(config, model, batch: int, size: int):
+  """`(step_fn, state, batch_arrays)`: the library's jitted train step built as the trainer builds it
+  (train.train_and_evaluate / _train_loop) on this process's devices, and one random batch (5% ignored
+  pixels). Also used by `gpu_train.py`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from deeplab_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from deeplab_jax import optim  # pylint: disable=g-import-not-at-top
   from deeplab_jax import train  # pylint: disable=g-import-not-at-top
-  config, model = _ours_model_and_config(spec)
-  size, batch = spec['size'], spec['batch']
   config.train.batch_size, config.train.crop_size = batch, (size, size)
-  # The trainer's own construction (train.train_and_evaluate / _train_loop), on this process's one device.
   mesh = train.create_mesh()
   tx, schedule = optim.create_optimizer(config.train)
   state = train.create_train_state(config, model, tx, mesh)
   step_fn = train.make_train_step(config, model, tx, schedule, mesh)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, config.model.num_classes, (batch, size, size), dtype=np.int32)
-  labels[rng.random(labels.shape) < 0.05] = config.dataset.ignore_label  # some ignored pixels
+  labels[rng.random(labels.shape) < 0.05] = config.dataset.ignore_label
   batch_arrays = input_pipeline.shard_batch(
       {'image': rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32), 'label': labels}, mesh)
+  return step_fn, state, batch_arrays
+
+
+def _child_ours_train(spec: dict, warmup: int, repeats: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  config, model = _ours_model_and_config(spec)
+  step_fn, state, batch_arrays = ours_train_setup(config, model, spec['batch'], spec['size'])
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - start
