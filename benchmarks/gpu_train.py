@@ -104,8 +104,7 @@ def child_smp(dtype: str, batch: int, size: int, warmup: int, steps: int) -> dic
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
   torch.backends.cudnn.benchmark = True
   torch.manual_seed(0)
-  model = smp.DeepLabV3Plus(encoder_name='tu-xception65', encoder_weights=None, encoder_output_stride=16,
-                            classes=21).to(device)
+  model = peers_torch.build_model('smp_xception65', num_classes=21).to(device)  # the CPU table's peer
   with flop_counter.FlopCounterMode(display=False) as counter, torch.no_grad():
     model.eval()
     model(torch.zeros(1, 3, size, size, device=device))

@@ -18,6 +18,7 @@ Prints one line `RESULT <json>` at the end: the per-run times in seconds (warm-u
 apart) and the process's peak resident memory (VmHWM).
 """
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -37,6 +38,7 @@ TORCHVISION_SCHEMAS = (
 _torchvision_library = None  # kept alive: a torch.library.Library drops its definitions when collected
 
 
+@functools.cache  # once per process: a second Library('torchvision', 'DEF') would be refused
 def _prepare_torchvision() -> str:
   """Makes `import torchvision` work beside a CPU-only torch.
 

@@ -280,6 +280,7 @@ def main(argv: Sequence[str]) -> None:
   """`python -m deeplab_jax.export`: see the module docstring and `--help`."""
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  predict.quiet_checkpoint_logs(FLAGS)
   protocol = predict.protocol_from_flags(FLAGS)
   variables, config, step = predict.load_checkpoint(FLAGS.checkpoint, FLAGS.step)
   exported, metadata = export_model(config, variables, batch=FLAGS.batch, height=FLAGS.height,

@@ -515,6 +515,7 @@ def main(argv: Sequence[str]) -> int:
   """`python -m deeplab_jax.predict`: see the module docstring and `--help`."""
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  quiet_checkpoint_logs(FLAGS)
   protocol = protocol_from_flags(FLAGS)
   predictor = Predictor.from_checkpoint(FLAGS.checkpoint, FLAGS.step, crf=FLAGS.crf,
                                         large_images=FLAGS.large_images, batch_size=FLAGS.batch_size,
@@ -550,10 +551,14 @@ def define_checkpoint_and_protocol_flags() -> None:
                        'config.eval.output_stride).')
 
 
-def protocol_from_flags(flag_values) -> dict:
-  """`output_stride`, `scales`, `flip` from those flags (None: the checkpoint's); quiets orbax's INFO lines."""
+def quiet_checkpoint_logs(flag_values) -> None:
+  """WARNING verbosity unless `--verbosity` was given: orbax's per-read INFO lines would bury the progress."""
   if not flag_values['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax's per-read INFO lines would bury the progress
+    logging.set_verbosity(logging.WARNING)
+
+
+def protocol_from_flags(flag_values) -> dict:
+  """`output_stride`, `scales`, `flip` from those flags (None: the checkpoint's)."""
   return dict(output_stride=flag_values.output_stride, flip=flag_values.flip,
               scales=[float(s) for s in flag_values.eval_scales] if flag_values.eval_scales else None)
 

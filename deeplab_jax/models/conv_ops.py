@@ -193,14 +193,18 @@ def _xla_conv_grads(x, kernel, dy, *, stride, rate, pads):
 
 
 def cpu_conv_grads(x: Array, kernel: Array, dy: Array, *, stride: int, rate: int, pads: Pads):
-  """(dx, dkernel) of `conv2d` as matrix products (the CPU backward; public for tests and benchmarks)."""
+  """(dx, dkernel) of `conv2d` as matrix products (the CPU backward; public for tests and benchmarks).
+
+  In the inputs' dtypes, as autodiff's gradients (the other branch of `_platform_grads`) are; the filter
+  gradient is summed in float32.
+  """
   k_h, k_w = kernel.shape[:2]
   out_h, out_w = dy.shape[1:3]
   if _is_pointwise(kernel, pads):
     dx_taken = _matmul_channels(dy, kernel[0, 0].T)
     dx = _crop(_untap(dx_taken, 0, 0, rate, stride, x.shape), pads, x.shape) if stride > 1 else dx_taken
-    return dx, _pixels_outer(x[:, ::stride, ::stride, :], dy)[None, None]
-  if _use_tap_form(x.shape, kernel.shape, stride, rate, pads, dy.shape):
+    dkernel = _pixels_outer(x[:, ::stride, ::stride, :], dy)[None, None]
+  elif _use_tap_form(x.shape, kernel.shape, stride, rate, pads, dy.shape):
     dx, dkernel = None, jnp.zeros(kernel.shape, jnp.float32)
     for i, j, off_h, off_w, p0, p1, q0, q1 in _tap_regions(x.shape, kernel.shape, rate, pads, dy.shape):
       region = dy[:, p0:p1, q0:q1]
@@ -208,32 +212,28 @@ def cpu_conv_grads(x: Array, kernel: Array, dy: Array, *, stride: int, rate: int
       dx = term if dx is None else dx + term
       dkernel = dkernel.at[i, j].set(
           _pixels_outer(x[:, p0 + off_h:p1 + off_h, q0 + off_w:q1 + off_w], region).astype(jnp.float32))
-    return dx, dkernel
-  _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, stride, rate, pads), x)
-  (dx,) = input_vjp(dy)
-  x_padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  window = ((out_h - 1) * stride + 1, (out_w - 1) * stride + 1)
+  else:
+    _, input_vjp = jax.vjp(lambda v: _xla_conv(v, kernel, stride, rate, pads), x)
+    (dx,) = input_vjp(dy)
+    x_padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    window = ((out_h - 1) * stride + 1, (out_w - 1) * stride + 1)
 
-  def tap(t, dkernel):
-    # One tap per iteration, so only one tap's input slice is alive at a time: unrolled, XLA kept the slices
-    # of many convs alive together (ResNet-101 OS8 train step: +3 GB of temporaries).
-    read = lax.dynamic_slice(x_padded, (0, (t // k_w) * rate, (t % k_w) * rate, 0),
-                             (x.shape[0], *window, x.shape[3]))
-    return lax.dynamic_update_index_in_dim(
-        dkernel, _pixels_outer(read[:, ::stride, ::stride], dy).astype(jnp.float32), t, 0)
+    def tap(t, dkernel):
+      # One tap per iteration, so only one tap's input slice is alive at a time: unrolled, XLA kept the
+      # slices of many convs alive together (ResNet-101 OS8 train step: +3 GB of temporaries).
+      read = lax.dynamic_slice(x_padded, (0, (t // k_w) * rate, (t % k_w) * rate, 0),
+                               (x.shape[0], *window, x.shape[3]))
+      return lax.dynamic_update_index_in_dim(
+          dkernel, _pixels_outer(read[:, ::stride, ::stride], dy).astype(jnp.float32), t, 0)
 
-  dkernel = lax.fori_loop(0, k_h * k_w, tap, jnp.zeros((k_h * k_w, *kernel.shape[2:]), jnp.float32))
-  return dx, dkernel.reshape(kernel.shape)
+    dkernel = lax.fori_loop(0, k_h * k_w, tap, jnp.zeros((k_h * k_w, *kernel.shape[2:]), jnp.float32))
+  return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _platform_grads(x, kernel, dy, *, stride, rate, pads):
-  def in_input_dtypes(grads):  # both branches of the switch must return the same types (bf16 models)
-    def branch(x, kernel, dy):
-      dx, dkernel = grads(x, kernel, dy, stride=stride, rate=rate, pads=pads)
-      return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
-    return branch
-  return lax.platform_dependent(x, kernel, dy, cpu=in_input_dtypes(cpu_conv_grads),
-                                default=in_input_dtypes(_xla_conv_grads))
+  kw = dict(stride=stride, rate=rate, pads=pads)
+  return lax.platform_dependent(x, kernel, dy, cpu=functools.partial(cpu_conv_grads, **kw),
+                                default=functools.partial(_xla_conv_grads, **kw))
 
 
 _conv2d = _with_backward(_forward, _platform_grads)
