@@ -223,6 +223,37 @@ def test_depthwise_auto_is_shifted_on_cpu():
   assert layers.resolve_depthwise_impl('grouped') == 'grouped'
 
 
+def test_residual_relu_is_relu_with_relus_gradient():
+  x = jnp.asarray([-2.0, -0.5, 0.0, 0.5, 3.0, jnp.nan])
+  np.testing.assert_array_equal(layers.residual_relu(x), nn.relu(x))
+  grad = jax.grad(lambda v: jnp.sum(layers.residual_relu(v) * jnp.arange(1.0, 6.0)))(x[:5])
+  np.testing.assert_array_equal(grad, jax.grad(lambda v: jnp.sum(nn.relu(v) * jnp.arange(1.0, 6.0)))(x[:5]))
+
+
+def test_residual_units_outputs_are_computed_once():
+  """A chain of ResNet units compiles to elementwise fusions that each read at most two unit-sized arrays.
+
+  With `nn.relu` as the unit output XLA:CPU recomputed the earlier units' sums in each later unit's
+  fusion (here 1, 2, ... 6 of them), which cost ResNet-101 a fifth of its inference time.
+  """
+  class Chain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(8):
+        x, _ = resnet.Bottleneck(64, 16, 1, 1, False, layers.BNConfig(0.9, 1e-5), name=f'unit_{i}')(x)
+      return x
+
+  x = jnp.ones((1, 17, 17, 64))
+  variables = Chain().init(jax.random.key(0), x)
+  text = jax.jit(Chain().apply).lower(variables, x).compile().as_text()
+  shapes = dict(re.findall(r'^\s*(%[\w.\-]+) = (\w+\[[\d,]*\])', text, re.M))
+  unit_sized = {'f32[1,17,17,64]', 'f32[289,64]'}
+  reads = [sum(shapes.get(name.strip()) in unit_sized for name in operands.split(','))
+           for operands in re.findall(r'= \S+ fusion\((.*?)\), kind=kLoop', text)]
+  assert reads, text[:2000]  # the compiled text still has loop fusions in this format
+  assert max(reads) <= 2, reads
+
+
 def test_resize_bilinear_align_corners_exact_values():
   x = jnp.asarray([[0.0, 1.0], [2.0, 3.0]]).reshape(1, 2, 2, 1)
   y = layers.resize_bilinear(x, (3, 3))[0, :, :, 0]

@@ -245,6 +245,18 @@ def separable_conv_bn(x: Array, features: int, kernel_size: int, *, name: str, t
                  activation=pointwise_activation, dtype=dtype)
 
 
+def residual_relu(x: Array) -> Array:
+  """`relu(x)` of a residual sum, as `x * (x > 0)`: the same values (bar the sign of a zero) and gradient.
+
+  A residual unit's output feeds the next unit's convolution and its shortcut sum. Written as `max(x, 0)`,
+  an op XLA treats as unary and so duplicates freely, XLA:CPU fuses each unit's output into the next
+  unit's sum instead of reading it back, and so down the chain: ResNet-101's later units recomputed the
+  sums of up to nine earlier units (0.9 s of a 3.7 s ResNet-101 OS8 inference). A product of two full-size
+  operands is not duplicated: each output is computed once.
+  """
+  return x * (x > 0).astype(x.dtype)
+
+
 relu6 = jax.nn.relu6
 
 

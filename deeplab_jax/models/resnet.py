@@ -56,7 +56,7 @@ class Bottleneck(nn.Module):
     residual = layers.conv_bn(residual, self.depth_bottleneck, 3, name='conv2', stride=self.stride,
                               rate=self.rate, padding='EXPLICIT', **kw)
     residual = layers.conv_bn(residual, self.depth, 1, name='conv3', activation=None, **kw)
-    return nn.relu(shortcut + residual), residual
+    return layers.residual_relu(shortcut + residual), residual
 
 
 class ResNet(backbones.Backbone):
