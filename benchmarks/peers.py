@@ -24,7 +24,8 @@ Rows (`--only` takes these names):
   resnet101_train  the same, train step at batch 2; time and peak RSS.
   mobilenetv2      ours only: MobileNetV2 V3 OS16 (configs/voc_mobilenetv2.py) at 513, inference b1 and
                    train step b2.
-  remat            ours only: Xception-65 train step peak RSS with config.model.remat True vs False.
+  remat            the two train rows again with config.model.remat=True on our side (backbone units
+                   recomputed in the backward pass), step time and peak RSS against the same peers.
   pipeline         ours only: the training input pipeline (`input_pipeline.create_train_iterator`, official
                    augmentation, crop 513, the config's num_workers) over the 330 real VOC images of
                    ../shared/data/voc2012_train_subset, in images/s and per core, next to the images/s the
@@ -82,6 +83,8 @@ MEASUREMENTS = {
     'ours_mobilenetv2_train': dict(side='ours', config='voc_mobilenetv2', mode='train', size=513, batch=2),
     'ours_xception_train_remat': dict(side='ours', config='voc_xception', mode='train', size=513, batch=2,
                                       remat=True),
+    'ours_resnet101_train_remat': dict(side='ours', config='voc_resnet101_v3', mode='train', size=513,
+                                       batch=2, output_stride=8, remat=True),
     'ours_pipeline': dict(side='ours', config='voc_mobilenetv2', mode='pipeline', size=513),
 }
 ROWS = {  # row name -> the measurements it reads
@@ -90,7 +93,8 @@ ROWS = {  # row name -> the measurements it reads
     'resnet101_infer': ('ours_resnet101_infer', 'tv_resnet101_infer'),
     'resnet101_train': ('ours_resnet101_train', 'tv_resnet101_train'),
     'mobilenetv2': ('ours_mobilenetv2_infer', 'ours_mobilenetv2_train'),
-    'remat': ('ours_xception_train', 'ours_xception_train_remat'),
+    'remat': ('ours_xception_train_remat', 'smp_xception_train', 'ours_resnet101_train_remat',
+              'tv_resnet101_train'),
     'pipeline': ('ours_pipeline', 'ours_mobilenetv2_train'),
 }
 
@@ -395,7 +399,7 @@ def table_rows(rows: list, results: dict) -> list:
     return '' if get(name, 'compile_s') is None else f'ours compile {get(name, "compile_s"):.1f} s'
 
   for row in rows:
-    first, second = ROWS[row]
+    first, second = ROWS[row][:2]
     if row in ('xception_infer', 'resnet101_infer', 'xception_train', 'resnet101_train'):
       sizes = 'ours 513, smp 512' if row.startswith('xception') else 'both 513'
       metric = 'run s' if row.endswith('infer') else 'step s'
@@ -412,12 +416,13 @@ def table_rows(rows: list, results: dict) -> list:
       line('MobileNetV2 V3 OS16 train b2', 'step s', get(second, 'median_s'), None,
            f'513; {compile_note(second)}')
       line('', 'peak RSS MiB', get(second, 'peak_rss_mib'), None, 'train step process', digits=0)
-    elif row == 'remat':  # ROWS['remat'] = (remat=False, remat=True): the ratio is True / False
-      line('Xception-65 train b2 remat', 'peak RSS MiB', get(second, 'peak_rss_mib'),
-           get(first, 'peak_rss_mib'), 'ours column remat=True, theirs column = ours with remat=False',
-           digits=0)
-      line('', 'steps RSS MiB', get(second, 'peak_rss_runs_mib'), get(first, 'peak_rss_runs_mib'), digits=0)
-      line('', 'step s', get(second, 'median_s'), get(first, 'median_s'))
+    elif row == 'remat':  # ROWS['remat'] = (ours remat=True, its peer) for Xception-65, then ResNet-101
+      for ours, theirs, title in ((first, second, 'Xception-65 train b2 remat'),
+                                  (ROWS[row][2], ROWS[row][3], 'ResNet-101 OS8 train b2 remat')):
+        line(title, 'step s', get(ours, 'median_s'), get(theirs, 'median_s'),
+             f'ours with config.model.remat=True; {compile_note(ours)}')
+        line('', 'peak RSS MiB', get(ours, 'peak_rss_mib'), get(theirs, 'peak_rss_mib'), 'whole process',
+             digits=0)
     elif row == 'pipeline':  # ROWS['pipeline'] = (input pipeline, MobileNetV2 train step)
       step_s = get(second, 'median_s')
       consumed = None if step_s is None else MEASUREMENTS[second]['batch'] / step_s
