@@ -235,7 +235,7 @@ def test_residual_units_outputs_are_computed_once():
   """A chain of ResNet units compiles to elementwise fusions that each read at most two unit-sized arrays.
 
   With `nn.relu` as the unit output XLA:CPU recomputed the earlier units' sums in each later unit's
-  fusion (here 1, 2, ... 6 of them), which cost ResNet-101 a fifth of its inference time.
+  fusion (here one fusion read 7 unit-sized arrays), which cost ResNet-101 a fifth of its inference time.
   """
   class Chain(nn.Module):
     @nn.compact
