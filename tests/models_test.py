@@ -2,6 +2,7 @@
 import importlib
 import re
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -253,6 +254,42 @@ def test_residual_units_outputs_are_computed_once():
            for operands in re.findall(r'= \S+ fusion\((.*?)\), kind=kLoop', text)]
   assert reads, text[:2000]  # the compiled text still has loop fusions in this format
   assert max(reads) <= 2, reads
+
+
+def test_training_batch_norm_on_cpu_recomputes_its_centred_input(monkeypatch):
+  """On CPU a training BatchNorm recomputes `x - mean` in its backward pass instead of keeping a copy.
+
+  Same variables, loss and gradients as plain `nn.BatchNorm`, and fewer XLA temporaries: differentiated
+  plainly, XLA:CPU writes every BatchNorm's centred input in the forward pass and keeps it.
+  """
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(4):
+        x = layers.conv_bn(x, 32, 1, name=f'conv{i}', train=True, bn=layers.BNConfig(0.9, 1e-3))
+      return x
+
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 32)) * 3.0 + 1.0
+
+  def init_and_grads():
+    variables = Net().init(jax.random.key(1), x)
+
+    def loss(params):
+      y, state = Net().apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+      return jnp.mean(jnp.sin(y)), state
+
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(variables['params']).compile()
+    return variables, compiled(variables['params']), compiled.memory_analysis().temp_size_in_bytes
+
+  assert layers.recompute_batch_norm()
+  variables, ((loss, stats), grads), recomputed_bytes = init_and_grads()
+  monkeypatch.setattr(layers, 'recompute_batch_norm', lambda: False)
+  plain_variables, ((plain_loss, plain_stats), plain_grads), plain_bytes = init_and_grads()
+  assert recomputed_bytes < 0.8 * plain_bytes, (recomputed_bytes, plain_bytes)
+  chex.assert_trees_all_equal(variables, plain_variables)
+  np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+  chex.assert_trees_all_close(stats, plain_stats, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads, plain_grads, rtol=1e-5, atol=1e-7)
 
 
 def test_resize_bilinear_align_corners_exact_values():
