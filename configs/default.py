@@ -31,6 +31,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.dropout_rate = 0.1             # after the ASPP projection (V3/V3+); V1/V2 heads use 0.5
   m.fine_tune_batch_norm = True    # False: BatchNorm stays in inference mode while training
   m.bn_decay = -1.0                # <0: the backbone's official value (Xception 0.9997, ResNet 0.95, MNv2 0.997)
+  m.head_bn_decay = -1.0           # ASPP/decoder BatchNorm decay; <0: the official 0.9997 (for long runs)
   m.depthwise_impl = 'auto'        # 'auto' (shifted on CPU, grouped elsewhere), 'grouped', 'shifted'
   m.dtype = 'float32'              # compute dtype: 'float32' or 'bfloat16' (params stay float32)
   m.remat = False                  # rematerialise backbone units in the backward pass to save memory

@@ -50,7 +50,7 @@ _RECORD_FORMAT = 1
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 # Config fields that do not change the parameters: a resumed run may change them freely.
 _MODEL_FIELDS_FREE_TO_CHANGE = ('dtype', 'remat', 'depthwise_impl', 'output_stride', 'atrous_rates',
-                                'dropout_rate', 'fine_tune_batch_norm', 'bn_decay')
+                                'dropout_rate', 'fine_tune_batch_norm', 'bn_decay', 'head_bn_decay')
 
 
 class CheckpointError(RuntimeError):

@@ -102,7 +102,8 @@ def test_output_stride_override_scales_atrous_rates():
 
 @pytest.mark.parametrize('field,value', [('backbone', 'resnet_152'), ('head', 'fcn'),
                                          ('output_stride', 12), ('depthwise_impl', 'fast'),
-                                         ('dtype', 'float16')])
+                                         ('dtype', 'float16'), ('bn_decay', 1.0),
+                                         ('head_bn_decay', 1.5)])
 def test_bad_config_values_name_the_field(field, value):
   m = default.get_model_config()
   setattr(m, field, value)
@@ -114,9 +115,10 @@ def test_bad_config_values_name_the_field(field, value):
     ('largefov_hiden', 1024, 'unknown fields'),
     ('decoder_output_stride', 2, 'config.model.decoder_output_stride=2 is not one of'),
     ('multi_grid', (1, 2, 4), 'multi_grid=(1, 2, 4) does not apply to vgg_16'),
-    ('depth_multiplier', 0.5, 'depth_multiplier=0.5 only applies to MobileNetV2')])
+    ('depth_multiplier', 0.5, 'depth_multiplier=0.5 only applies to MobileNetV2'),
+    ('head_bn_decay', 0.99, 'head_bn_decay=0.99 does not apply to the largefov head')])
 def test_options_that_do_not_apply_are_rejected(field, value, message):
-  m = get_config('voc_vgg16_v1').model if field in ('multi_grid', 'depth_multiplier') else \
+  m = get_config('voc_vgg16_v1').model if field in ('multi_grid', 'depth_multiplier', 'head_bn_decay') else \
       default.get_model_config()
   m[field] = value
   with pytest.raises(ValueError, match=re.escape(message)):
@@ -125,6 +127,27 @@ def test_options_that_do_not_apply_are_rejected(field, value, message):
   m.decoder_output_stride = 4
   with pytest.raises(ValueError, match='the largefov head has no decoder'):
     create_model(m)
+
+
+def test_head_bn_decay_sets_the_aspp_and_decoder_moving_averages_only():
+  """From zero-initialised means, one train step leaves `(1 - decay) * batch mean`: decays 0.5 and 0.9
+  give head means in ratio 5, and the backbone's are the same for both."""
+  config = get_config('tiny')
+  x = jax.random.uniform(jax.random.key(0), (2, 33, 33, 3), maxval=255.0)
+  means = {}
+  for decay in (0.5, 0.9):
+    config.model.head_bn_decay = decay
+    model = create_model(config.model)
+    variables = model.init(jax.random.key(1), x)
+    _, state = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                           rngs={'dropout': jax.random.key(2)})
+    means[decay] = {jax.tree_util.keystr(path): leaf for path, leaf in
+                    jax.tree_util.tree_flatten_with_path(state['batch_stats'])[0] if path[-1].key == 'mean'}
+  head = [k for k in means[0.5] if k.startswith(("['aspp']", "['decoder']"))]
+  assert len(head) >= 4 and len(head) < len(means[0.5]), sorted(means[0.5])
+  for key, mean in means[0.5].items():
+    expected = 5.0 * means[0.9][key] if key in head else means[0.9][key]
+    np.testing.assert_allclose(mean, expected, rtol=1e-4, atol=1e-7, err_msg=key)
 
 
 def test_model_fields_are_the_config_fields():

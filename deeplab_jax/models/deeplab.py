@@ -72,6 +72,7 @@ class DeepLab(nn.Module):
   dropout_rate: float = 0.1
   fine_tune_batch_norm: bool = True
   bn_decay: float = -1.0
+  head_bn_decay: float = -1.0
   depthwise_impl: str = 'auto'
   dtype: str = 'float32'
   remat: bool = False
@@ -108,8 +109,10 @@ class DeepLab(nn.Module):
     features = self._backbone()(x, train=bn_train)
     self.sow('intermediates', 'backbone_features', features.out)
     if self.head == 'aspp':
+      head_bn = layers.BNConfig(self.head_bn_decay if self.head_bn_decay >= 0 else heads.HEAD_BN.decay,
+                                heads.HEAD_BN.epsilon)
       x = heads.ASPP(tuple(self.atrous_rates), self.aspp_filters, self.aspp_with_separable_conv,
-                     self.aspp_with_image_pooling, self.dropout_rate,
+                     self.aspp_with_image_pooling, self.dropout_rate, bn=head_bn,
                      depthwise_impl=self.depthwise_impl, dtype=dtype, name='aspp')(
                          features.out, train=bn_train)
       self.sow('intermediates', 'aspp_projection', x)
@@ -118,7 +121,7 @@ class DeepLab(nn.Module):
         self.sow('intermediates', 'decoder_tap', low_level)
         size = (layers.scale_dimension(height, 1.0 / self.decoder_output_stride),
                 layers.scale_dimension(width, 1.0 / self.decoder_output_stride))
-        x = heads.Decoder(self.decoder_filters, separable=self.decoder_use_separable_conv,
+        x = heads.Decoder(self.decoder_filters, separable=self.decoder_use_separable_conv, bn=head_bn,
                           depthwise_impl=self.depthwise_impl, dtype=dtype, name='decoder')(
                               x, low_level, size, train=bn_train)
       logits = layers.conv(x, self.num_classes, self.logits_kernel_size, name='logits/semantic',
@@ -171,6 +174,13 @@ def validate_model_config(m: ml_collections.ConfigDict) -> None:
   if not spec.multi_grid and tuple(m.multi_grid) != (1, 1, 1):
     raise ValueError(f'config.model.multi_grid={tuple(m.multi_grid)} does not apply to {m.backbone}: set it '
                      'to (1, 1, 1).')
+  for field in ('bn_decay', 'head_bn_decay'):
+    if not m[field] < 1.0:
+      raise ValueError(f'config.model.{field}={m[field]} must be below 1 (a moving-average decay in [0, 1)), '
+                       'or negative for the official value.')
+  if m.head != 'aspp' and m.head_bn_decay >= 0:
+    raise ValueError(f'config.model.head_bn_decay={m.head_bn_decay} does not apply to the {m.head} head (no '
+                     'BatchNorm): set it to -1.')
   if not spec.depth_multiplier and m.depth_multiplier != 1.0:
     raise ValueError(f'config.model.depth_multiplier={m.depth_multiplier} only applies to MobileNetV2: set it '
                      'to 1.0.')
