@@ -40,6 +40,21 @@ def test_both_atrous_forms_are_covered():
   assert not form(2, 33) and not form(1, 9)
 
 
+def test_both_depthwise_filter_gradient_forms_are_covered():
+  """The depthwise cases below reach the padded-frame filter gradient and the one taken by rows."""
+  forms = set()
+  for k, stride, rate, padding, size in CASES:
+    if k > 1:
+      pads = conv_ops.explicit_padding((size, size + 1), k, stride, rate, padding)
+      forms.add(conv_ops.uses_padded_depthwise_form((2, size, size + 1, 5), k, stride, rate, pads))
+  assert forms == {True, False}
+  # Xception-65 at 513, OS16: stride-1 layers take the padded form, ASPP's rate 12 and strided layers rows.
+  same = lambda size, stride, rate: conv_ops.explicit_padding((size, size), 3, stride, rate, 'SAME')
+  assert conv_ops.uses_padded_depthwise_form((2, 33, 33, 728), 3, 1, 6, same(33, 1, 6))
+  assert not conv_ops.uses_padded_depthwise_form((2, 33, 33, 728), 3, 1, 12, same(33, 1, 12))
+  assert not conv_ops.uses_padded_depthwise_form((2, 129, 129, 256), 3, 2, 1, same(129, 2, 1))
+
+
 def _xla_conv(x, kernel, stride, rate, padding):
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding, rhs_dilation=(rate, rate),
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
