@@ -1,7 +1,7 @@
 """deeplab_jax next to the PyTorch DeepLabs on this machine's CPU, in one run (issue 12).
 
   python benchmarks/peers.py [--only=xception_infer,xception_train,...] [--repeats=3] [--warmup=1]
-      [--threads=2] [--json=PATH] [--peers_venv=~/.cache/deeplab_jax/peers_venv]
+      [--rounds=1] [--threads=2] [--json=PATH] [--peers_venv=~/.cache/deeplab_jax/peers_venv]
 
 Every measurement runs in a fresh subprocess, so its peak resident memory (VmHWM) is its own, pinned with
 `sched_setaffinity` to the same `--threads` cores: the PyTorch children also call
@@ -9,6 +9,9 @@ Every measurement runs in a fresh subprocess, so its peak resident memory (VmHWM
 pool, which XLA sizes from the cores the process may run on. JAX children see one CPU device (the
 8 fake devices of the test suite are removed from XLA_FLAGS). Weights are random, 21 classes; times are
 medians of `--repeats` runs after `--warmup` runs (ours after compilation, which is reported apart).
+With `--rounds=N` every measurement runs N times, interleaved (all of round 1, then all of round 2, ...), so a
+slow spell of a shared machine falls on both sides of a ratio: the table shows the medians of the rounds'
+medians (peak memory: the highest round) and prints each round's ratios below it.
 
 Rows (`--only` takes these names):
   xception_infer   Xception-65 V3+ OS16, batch 1: ours at 513 (configs/voc_xception.py) vs smp
@@ -45,6 +48,7 @@ import os
 import pathlib
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -343,6 +347,47 @@ def measure(name: str, args, cpus: list, peers_python) -> dict:
   return result
 
 
+def combine_rounds(round_results: list) -> dict:
+  """One measurement's results from each round -> one: medians of the rounds' figures, the highest peak RSS.
+
+  A round that failed makes the whole measurement failed (its error is kept); `round_median_s` lists the
+  rounds' medians and `times_s` / `warmup_s` every run, in round order.
+  """
+  failed = [r for r in round_results if 'error' in r]
+  if failed:
+    return {**failed[0], 'rounds': len(round_results)}
+  combined = dict(round_results[0])
+  for key in ('median_s', 'compile_s', 'images_per_s', 'images_per_s_per_core', 'wall_s'):
+    values = [r[key] for r in round_results if r.get(key) is not None]
+    if values:
+      combined[key] = statistics.median(values)
+  for key in ('peak_rss_mib', 'peak_rss_runs_mib'):
+    values = [r[key] for r in round_results if r.get(key) is not None]
+    if values:
+      combined[key] = max(values)
+  for key in ('times_s', 'warmup_s'):
+    if all(key in r for r in round_results):
+      combined[key] = [t for r in round_results for t in r[key]]
+  if all(r.get('median_s') is not None for r in round_results):
+    combined['round_median_s'] = [r['median_s'] for r in round_results]
+  combined['rounds'] = len(round_results)
+  return combined
+
+
+def round_ratios(rows: list, results: dict) -> list:
+  """[(title, [ours/theirs per round])] for the timed pairs among `rows` (needs `round_median_s`)."""
+  pairs = [(TITLES[row], *ROWS[row][:2]) for row in rows if row in TITLES]
+  if 'remat' in rows:
+    pairs += [('Xception-65 train b2 remat', *ROWS['remat'][:2]),
+              ('ResNet-101 OS8 train b2 remat', *ROWS['remat'][2:])]
+  out = []
+  for title, ours, theirs in pairs:
+    a, b = (results.get(n, {}).get('round_median_s') for n in (ours, theirs))
+    if a and b and len(a) == len(b):
+      out.append((title, [x / y for x, y in zip(a, b)]))
+  return out
+
+
 def _recipe(config_name: str):
   """configs/<config_name>.py's config (the files import nothing heavy)."""
   return importlib.import_module(f'configs.{config_name}').get_config()
@@ -446,14 +491,21 @@ def print_table(meta: dict, rows: list, results: dict) -> list:
   print('Versions: ' + ', '.join(f'{k} {v[k]}' for k in names if k in v) + f'; python {m["python"]}')
   if 'torch_source' in v:
     print(f'torch from: {v["torch_source"]}; torchvision ops: {v.get("torchvision_ops")}')
-  print(f'Medians of {meta["repeats"]} runs after {meta["warmup"]} warm-up (ours after compilation); random '
-        'weights, 21 classes; threads: torch.set_num_threads, XLA default pool on the pinned cores.\n')
+  rounds = meta.get('rounds', 1)
+  per_round = '' if rounds == 1 else f', then the median over {rounds} interleaved rounds'
+  print(f'Medians of {meta["repeats"]} runs after {meta["warmup"]} warm-up (ours after compilation)'
+        f'{per_round}; random weights, 21 classes; threads: torch.set_num_threads, XLA default pool on the '
+        'pinned cores.\n')
   table = table_rows(rows, results)
   header = ('row', 'metric', 'ours', 'theirs', 'ours/theirs', 'note')
   widths = [max(len(str(r[i])) for r in [header, *table]) for i in range(5)]
   for r in [header, *table]:
     print('  '.join([f'{r[0]:<{widths[0]}}', f'{r[1]:<{widths[1]}}',
                      *(f'{r[i]:>{widths[i]}}' for i in (2, 3, 4)), r[5]]).rstrip())
+  if meta.get('rounds', 1) > 1:
+    print(f'\nours/theirs in each of the {meta["rounds"]} interleaved rounds:')
+    for title, ratios in round_ratios(rows, results):
+      print(f'  {title}: ' + ' '.join(f'{r:.2f}' for r in ratios))
   failed = [name for name, result in results.items() if 'error' in result]
   if failed:
     print(f'\nFailed measurements (shown as -): {", ".join(failed)}')
@@ -465,6 +517,8 @@ def main():
   parser.add_argument('--only', default=','.join(ROWS), help=f'Comma-separated rows: {", ".join(ROWS)}.')
   parser.add_argument('--repeats', type=int, default=3, help='Timed runs per measurement (median).')
   parser.add_argument('--warmup', type=int, default=1, help='Untimed runs first (ours: after compilation).')
+  parser.add_argument('--rounds', type=int, default=1,
+                      help='Times every measurement runs, interleaved; the table shows medians over rounds.')
   parser.add_argument('--threads', type=int, default=2, help='Cores each child is pinned to (torch threads).')
   parser.add_argument('--pipeline_batches', type=int, default=20,
                       help='Timed input-pipeline batches (config batch size 16) after a warm-up batch.')
@@ -484,8 +538,8 @@ def main():
   unknown = sorted(set(rows) - set(ROWS))
   if unknown:
     parser.error(f'--only: unknown rows {unknown}; allowed: {", ".join(ROWS)}.')
-  if args.repeats < 1 or args.warmup < 0 or args.pipeline_batches < 1:
-    parser.error('--repeats and --pipeline_batches must be >= 1, --warmup >= 0.')
+  if args.repeats < 1 or args.rounds < 1 or args.warmup < 0 or args.pipeline_batches < 1:
+    parser.error('--repeats, --rounds and --pipeline_batches must be >= 1, --warmup >= 0.')
   available = sorted(os.sched_getaffinity(0))
   if not 1 <= args.threads <= len(available):
     parser.error(f'--threads={args.threads}: this process may run on {len(available)} cores ({available}).')
@@ -501,14 +555,20 @@ def main():
     peers_python, peer = ensure_peers_venv(pathlib.Path(args.peers_venv).expanduser())
     versions.update(peer)
   meta = {'machine': machine(), 'versions': versions, 'threads': args.threads, 'cpus': cpus,
-          'repeats': args.repeats, 'warmup': args.warmup, 'command': shlex.join(sys.argv)}
-  results = {name: measure(name, args, cpus, peers_python) for name in names}
+          'repeats': args.repeats, 'warmup': args.warmup, 'rounds': args.rounds,
+          'command': shlex.join(sys.argv)}
+  rounds = []
+  for index in range(args.rounds):
+    if args.rounds > 1:
+      print(f'Round {index + 1} of {args.rounds}', flush=True)
+    rounds.append({name: measure(name, args, cpus, peers_python) for name in names})
+  results = {name: combine_rounds([r[name] for r in rounds]) for name in names}
   meta['machine']['load_average_end'] = os.getloadavg()
   table = print_table(meta, rows, results)
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(
         {'meta': meta, 'measurements': {n: {**MEASUREMENTS[n], **r} for n, r in results.items()},
-         'table': table}, indent=1))
+         'rounds': rounds, 'table': table}, indent=1))
     print(f'\nRaw figures written to {args.json}')
   return 0
 
