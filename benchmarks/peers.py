@@ -357,14 +357,12 @@ def combine_rounds(round_results: list) -> dict:
   if failed:
     return {**failed[0], 'rounds': len(round_results)}
   combined = dict(round_results[0])
-  for key in ('median_s', 'compile_s', 'images_per_s', 'images_per_s_per_core', 'wall_s'):
-    values = [r[key] for r in round_results if r.get(key) is not None]
-    if values:
-      combined[key] = statistics.median(values)
-  for key in ('peak_rss_mib', 'peak_rss_runs_mib'):
-    values = [r[key] for r in round_results if r.get(key) is not None]
-    if values:
-      combined[key] = max(values)
+  for keys, combine in ((('median_s', 'compile_s', 'images_per_s', 'images_per_s_per_core', 'wall_s'),
+                         statistics.median), (('peak_rss_mib', 'peak_rss_runs_mib'), max)):
+    for key in keys:
+      values = [r[key] for r in round_results if r.get(key) is not None]
+      if values:
+        combined[key] = combine(values)
   for key in ('times_s', 'warmup_s'):
     if all(key in r for r in round_results):
       combined[key] = [t for r in round_results for t in r[key]]
@@ -378,8 +376,7 @@ def round_ratios(rows: list, results: dict) -> list:
   """[(title, [ours/theirs per round])] for the timed pairs among `rows` (needs `round_median_s`)."""
   pairs = [(TITLES[row], *ROWS[row][:2]) for row in rows if row in TITLES]
   if 'remat' in rows:
-    pairs += [('Xception-65 train b2 remat', *ROWS['remat'][:2]),
-              ('ResNet-101 OS8 train b2 remat', *ROWS['remat'][2:])]
+    pairs += [(title, ours, theirs) for ours, theirs, title in REMAT_PAIRS]
   out = []
   for title, ours, theirs in pairs:
     a, b = (results.get(n, {}).get('round_median_s') for n in (ours, theirs))
@@ -428,6 +425,9 @@ TITLES = {
     'resnet101_infer': 'ResNet-101 V3 OS8 infer b1', 'resnet101_train': 'ResNet-101 V3 OS8 train b2',
 }
 
+REMAT_PAIRS = (  # the remat row's (ours with remat=True, its peer, title) pairs: ROWS['remat'] two by two
+    (*ROWS['remat'][:2], 'Xception-65 train b2 remat'), (*ROWS['remat'][2:], 'ResNet-101 OS8 train b2 remat'))
+
 
 def table_rows(rows: list, results: dict) -> list:
   """[(row, metric, ours, theirs, ours/theirs, note)] strings for the selected rows."""
@@ -461,9 +461,8 @@ def table_rows(rows: list, results: dict) -> list:
       line('MobileNetV2 V3 OS16 train b2', 'step s', get(second, 'median_s'), None,
            f'513; {compile_note(second)}')
       line('', 'peak RSS MiB', get(second, 'peak_rss_mib'), None, 'train step process', digits=0)
-    elif row == 'remat':  # ROWS['remat'] = (ours remat=True, its peer) for Xception-65, then ResNet-101
-      for ours, theirs, title in ((first, second, 'Xception-65 train b2 remat'),
-                                  (ROWS[row][2], ROWS[row][3], 'ResNet-101 OS8 train b2 remat')):
+    elif row == 'remat':
+      for ours, theirs, title in REMAT_PAIRS:
         line(title, 'step s', get(ours, 'median_s'), get(theirs, 'median_s'),
              f'ours with config.model.remat=True; {compile_note(ours)}')
         line('', 'peak RSS MiB', get(ours, 'peak_rss_mib'), get(theirs, 'peak_rss_mib'), 'whole process',
@@ -502,8 +501,8 @@ def print_table(meta: dict, rows: list, results: dict) -> list:
   for r in [header, *table]:
     print('  '.join([f'{r[0]:<{widths[0]}}', f'{r[1]:<{widths[1]}}',
                      *(f'{r[i]:>{widths[i]}}' for i in (2, 3, 4)), r[5]]).rstrip())
-  if meta.get('rounds', 1) > 1:
-    print(f'\nours/theirs in each of the {meta["rounds"]} interleaved rounds:')
+  if rounds > 1:
+    print(f'\nours/theirs in each of the {rounds} interleaved rounds:')
     for title, ratios in round_ratios(rows, results):
       print(f'  {title}: ' + ' '.join(f'{r:.2f}' for r in ratios))
   failed = [name for name, result in results.items() if 'error' in result]

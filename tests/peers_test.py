@@ -62,3 +62,10 @@ def test_rounds_must_be_positive(peers, monkeypatch):
   monkeypatch.setattr(sys, 'argv', ['peers.py', '--only=mobilenetv2', '--rounds=0'])
   with pytest.raises(SystemExit):
     peers.main()
+
+
+def test_round_ratios_pair_the_remat_rows_with_their_peers(peers):
+  results = {name: {'round_median_s': [2.0, 4.0]} for name in peers.MEASUREMENTS}
+  results['smp_xception_train']['round_median_s'] = [1.0, 8.0]
+  ratios = dict(peers.round_ratios(['remat'], results))
+  assert ratios == {'Xception-65 train b2 remat': [2.0, 0.5], 'ResNet-101 OS8 train b2 remat': [1.0, 1.0]}
