@@ -303,7 +303,10 @@ def shifted_depthwise_grads(x: Array, kernel: Array, dy: Array, *, stride: int, 
     for j in range(k_w):
       term = _untap(dy * kernel[i, j, 0], i, j, rate, stride, x_padded.shape)
       dx_padded = term if dx_padded is None else dx_padded + term
-  dx = _crop(dx_padded, pads, x.shape)
+  # One array, computed once: where dx has several consumers (the decoder's depthwise conv reads a concat,
+  # whose gradient is two slices of dx), XLA:CPU otherwise fuses the sum into each consumer and writes the
+  # k*k terms out as full-size arrays first (9 x 42 MB at the Xception-65 train step's peak).
+  dx = lax.optimization_barrier(_crop(dx_padded, pads, x.shape))
   if uses_padded_depthwise_form(x.shape, k_h, stride, rate, pads):
     dkernel = jnp.stack([
         jnp.sum(x_padded * _untap(dy, i, j, rate, stride, x_padded.shape), axis=(0, 1, 2), dtype=jnp.float32)

@@ -6,11 +6,13 @@ sibling module `S/BatchNorm` (TF `S/BatchNorm/{gamma,beta,moving_mean,moving_var
 are plain functions that create Flax modules inside the caller's compact method, so they add no extra level.
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from deeplab_jax.models import conv_ops
@@ -152,8 +154,11 @@ class ShiftedDepthwiseConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, 1, x.shape[-1]), jnp.float32)
-    return conv_ops.depthwise_conv2d_shifted(x.astype(self.dtype), kernel.astype(self.dtype),
-                                             stride=self.strides, rate=self.rate, padding=self.padding)
+    conv = functools.partial(conv_ops.depthwise_conv2d_shifted, stride=self.strides, rate=self.rate,
+                             padding=self.padding)
+    if isinstance(x, Normalized):
+      return x.feed(conv, kernel.astype(self.dtype))
+    return conv(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
 class Conv(nn.Module):
@@ -171,11 +176,14 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x) -> Array:
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-    y = conv_ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.strides,
-                        rate=self.rate, padding=self.padding)
+    conv = functools.partial(conv_ops.conv2d, stride=self.strides, rate=self.rate, padding=self.padding)
+    if isinstance(x, Normalized):
+      y = x.feed(conv, kernel.astype(self.dtype))
+    else:
+      y = conv(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y
@@ -200,6 +208,7 @@ def depthwise_conv(x: Array, kernel_size: int, *, name: str, stride: int = 1, ra
   """Depthwise conv named `name`: `feature_group_count=C` with `kernel_dilation` (atrous) or shifted sums."""
   pad = _conv_padding(kernel_size, stride, rate, padding)
   if resolve_depthwise_impl(impl) == 'grouped':
+    x = as_array(x)
     channels = x.shape[-1]
     return nn.Conv(
         channels, (kernel_size, kernel_size), strides=(stride, stride), padding=pad,
@@ -214,54 +223,154 @@ _RecomputedBatchNorm = nn.remat(nn.BatchNorm)
 
 
 def recompute_batch_norm() -> bool:
-  """True where a training BatchNorm's backward pass recomputes `x - mean` from `x`: on CPU.
+  """True where a training BatchNorm's output is recomputed in the backward pass, not kept: on CPU.
 
-  Differentiated as written, BatchNorm keeps its centred input `x - mean` for the backward pass: XLA:CPU
-  writes it in the forward pass as one more full-size array per BatchNorm and keeps it until the backward
-  pass. Under `jax.checkpoint` the backward pass recomputes it inside the fusions that read `x` anyway (no
-  compiler option needed, unlike `config.model.remat`). Measured on a 2-core CPU, train step batch 2 at
-  513x513: Xception-65 V3+ 7.64 -> 7.24 s, XLA temporaries 5.20 -> 3.66 GB; ResNet-101 V3 OS8 25.0 -> 23.4 s,
-  7.71 -> 5.69 GB. Accelerators keep plain BatchNorm (not measured there).
+  Differentiated as written, BatchNorm keeps its centred input `x - mean` for the backward pass, and the
+  convolution after it keeps its output, the input of that convolution: XLA:CPU writes and keeps both
+  as full-size arrays beside the BatchNorm's input. On CPU, a BatchNorm runs under `jax.checkpoint`
+  (`nn.remat(nn.BatchNorm)`), so its backward pass recomputes the centred input in the fusions that read
+  `x` anyway; and where a convolution comes next (`batch_norm(defer=True)`: inside separable convs,
+  between an Xception unit's separable convs) the convolution computes the BatchNorm and activation itself,
+  recomputing them for its backward pass (`Normalized.feed`; this needs `train.cpu_compiler_options`).
+  Measured on a 2-core CPU, Xception-65 V3+ train step batch 2 at 513x513: 7.64 -> 7.24 s and XLA
+  temporaries 5.20 -> 3.66 GB with the first, 3.66 -> 2.44 GB and 6.82 -> 6.14 s with the second;
+  ResNet-101 V3 OS8 (first only) 25.0 -> 23.4 s, 7.71 -> 5.69 GB. Accelerators keep plain BatchNorm (not
+  measured there).
   """
   return jax.default_backend() == 'cpu'
 
 
+@dataclasses.dataclass(frozen=True)
+class Normalized:
+  """A training BatchNorm's output, not yet computed: `activation((z - mean) * mul + bias)` in `dtype`.
+
+  `batch_norm(..., defer=True)` returns one on CPU (see `recompute_batch_norm`); the next convolution
+  computes it inside `jax.checkpoint` (`feed`), so the backward pass recomputes the convolution's input from
+  `z`, which the BatchNorm's own backward pass keeps anyway, instead of keeping a second full-size array.
+  `value()` computes it as a plain array (what `nn.BatchNorm` and the activation return, the same formula).
+  """
+  z: Array
+  mean: Array
+  mul: Array
+  bias: Array
+  activation: Optional[Callable] = None
+  dtype: Any = jnp.float32
+
+  @property
+  def shape(self) -> Tuple[int, ...]:
+    return self.z.shape
+
+  def with_activation(self, activation: Callable) -> 'Normalized':
+    if self.activation is not None:
+      raise ValueError(f'This BatchNorm output already has the activation {self.activation}.')
+    return dataclasses.replace(self, activation=activation)
+
+  def _compute(self, z: Array, mean: Array, mul: Array, bias: Array) -> Array:
+    y = jnp.asarray((z - mean) * mul + bias, self.dtype)
+    return self.activation(y) if self.activation is not None else y
+
+  def value(self) -> Array:
+    return self._compute(self.z, self.mean, self.mul, self.bias)
+
+  def feed(self, fn: Callable, *args) -> Array:
+    """`fn(self.value(), *args)`, with the value recomputed for the backward pass instead of kept.
+
+    XLA:CPU merges the recomputation back into the forward pass unless the step is compiled with
+    `train.cpu_compiler_options` (the trainer's step is).
+    """
+    return jax.checkpoint(lambda z, mean, mul, bias, *rest: fn(self._compute(z, mean, mul, bias), *rest))(
+        self.z, self.mean, self.mul, self.bias, *args)
+
+
+def as_array(x) -> Array:
+  """`x`, computed if it is a `Normalized`."""
+  return x.value() if isinstance(x, Normalized) else x
+
+
+def activate(x, activation: Optional[Callable]):
+  """`activation(x)` of an array, or of a `Normalized` (then computed with it, where it is computed)."""
+  if activation is None:
+    return x
+  return x.with_activation(activation) if isinstance(x, Normalized) else activation(x)
+
+
+class BatchNormStatistics(nn.Module):
+  """A training `nn.BatchNorm` that returns its output as `Normalized` instead of computing it.
+
+  The same variables (`scale`, `bias`; `batch_stats` `mean`, `var`), batch statistics (float32, variance as
+  `E[x^2] - E[x]^2` clipped at 0), running-average update and normalisation formula as `nn.BatchNorm`.
+  """
+  momentum: float
+  epsilon: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Normalized:
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), features)
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = x32.mean(axes)
+    var = jnp.maximum(0.0, jnp.square(x32).mean(axes) - jnp.square(mean))
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    mul = lax.rsqrt(var + self.epsilon) * self.param('scale', nn.initializers.ones, features, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, features, jnp.float32)
+    return Normalized(x, mean, mul, bias, dtype=self.dtype)
+
+
 def batch_norm(x: Array, *, name: str, train: bool, decay: float, epsilon: float,
-               dtype: Any = jnp.float32) -> Array:
-  """BatchNorm named `name` (TF `.../BatchNorm`); over a batch sharded on devices it is cross-device."""
-  module = _RecomputedBatchNorm if train and recompute_batch_norm() else nn.BatchNorm
+               dtype: Any = jnp.float32, defer: bool = False):
+  """BatchNorm named `name` (TF `.../BatchNorm`); over a batch sharded on devices it is cross-device.
+
+  With `defer=True`, a training BatchNorm on CPU returns `Normalized` (for a convolution to compute,
+  `recompute_batch_norm`); elsewhere, and with `defer=False`, an array.
+  """
+  if train and recompute_batch_norm():
+    if defer:
+      return BatchNormStatistics(decay, epsilon, dtype, name=name)(x)
+    module = _RecomputedBatchNorm
+  else:
+    module = nn.BatchNorm
   return module(
       use_running_average=not train, momentum=decay, epsilon=epsilon, dtype=dtype,
       param_dtype=jnp.float32, name=name)(x)
 
 
-def conv_bn(x: Array, features: int, kernel_size: int, *, name: str, train: bool, bn: BNConfig,
+def conv_bn(x, features: int, kernel_size: int, *, name: str, train: bool, bn: BNConfig,
             stride: int = 1, rate: int = 1, padding: str = 'SAME',
-            activation: Optional[Callable] = nn.relu, dtype: Any = jnp.float32) -> Array:
-  """conv -> BatchNorm -> activation, TF-slim `conv2d(normalizer_fn=batch_norm)` under scope `name`."""
+            activation: Optional[Callable] = nn.relu, dtype: Any = jnp.float32, defer_output: bool = False):
+  """conv -> BatchNorm -> activation, TF-slim `conv2d(normalizer_fn=batch_norm)` under scope `name`.
+
+  `x` may be a `Normalized`; `defer_output=True` returns one where `batch_norm(defer=True)` does (for a
+  caller whose next step is a convolution).
+  """
   x = conv(x, features, kernel_size, name=name, stride=stride, rate=rate, padding=padding, dtype=dtype)
   x = batch_norm(x, name=f'{name}/BatchNorm', train=train, decay=bn.decay, epsilon=bn.epsilon,
-                 dtype=dtype)
-  return activation(x) if activation is not None else x
+                 dtype=dtype, defer=defer_output)
+  return activate(x, activation)
 
 
-def separable_conv_bn(x: Array, features: int, kernel_size: int, *, name: str, train: bool,
+def separable_conv_bn(x, features: int, kernel_size: int, *, name: str, train: bool,
                       bn: BNConfig, stride: int = 1, rate: int = 1, padding: str = 'SAME',
                       depthwise_activation: Optional[Callable] = nn.relu,
                       pointwise_activation: Optional[Callable] = nn.relu, impl: str = 'auto',
-                      dtype: Any = jnp.float32) -> Array:
+                      dtype: Any = jnp.float32, defer_output: bool = False):
   """Atrous separable conv: depthwise -> BN -> act -> pointwise 1x1 -> BN -> act.
 
-  Scopes `{name}_depthwise` and `{name}_pointwise`, as official `split_separable_conv2d`.
+  Scopes `{name}_depthwise` and `{name}_pointwise`, as official `split_separable_conv2d`. `x` and the
+  output as in `conv_bn` (the depthwise BatchNorm is always deferred to the pointwise conv).
   """
   x = depthwise_conv(x, kernel_size, name=f'{name}_depthwise', stride=stride, rate=rate,
                      padding=padding, impl=impl, dtype=dtype)
   x = batch_norm(x, name=f'{name}_depthwise/BatchNorm', train=train, decay=bn.decay,
-                 epsilon=bn.epsilon, dtype=dtype)
-  if depthwise_activation is not None:
-    x = depthwise_activation(x)
-  return conv_bn(x, features, 1, name=f'{name}_pointwise', train=train, bn=bn,
-                 activation=pointwise_activation, dtype=dtype)
+                 epsilon=bn.epsilon, dtype=dtype, defer=True)
+  x = activate(x, depthwise_activation)
+  return conv_bn(
+      x, features, 1, name=f'{name}_pointwise', train=train, bn=bn, activation=pointwise_activation,
+      dtype=dtype, defer_output=defer_output)
 
 
 def residual_relu(x: Array) -> Array:

@@ -52,9 +52,10 @@ class Bottleneck(nn.Module):
     else:
       shortcut = layers.conv_bn(x, self.depth, 1, name='shortcut', stride=self.stride,
                                 activation=None, **kw)
-    residual = layers.conv_bn(x, self.depth_bottleneck, 1, name='conv1', **kw)
+    # conv1's and conv2's BatchNorms are computed by the next conv on CPU (`layers.Normalized`).
+    residual = layers.conv_bn(x, self.depth_bottleneck, 1, name='conv1', defer_output=True, **kw)
     residual = layers.conv_bn(residual, self.depth_bottleneck, 3, name='conv2', stride=self.stride,
-                              rate=self.rate, padding='EXPLICIT', **kw)
+                              rate=self.rate, padding='EXPLICIT', defer_output=True, **kw)
     residual = layers.conv_bn(residual, self.depth, 1, name='conv3', activation=None, **kw)
     return layers.residual_relu(shortcut + residual), residual
 

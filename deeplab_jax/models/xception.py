@@ -83,15 +83,15 @@ class XceptionModule(nn.Module):
     act = nn.relu if self.activation_fn_in_separable_conv else None
     for i in range(3):
       if not self.activation_fn_in_separable_conv:
-        residual = nn.relu(residual)
+        residual = layers.activate(residual, nn.relu)
       stride = self.stride if i == 2 else 1
       residual = layers.separable_conv_bn(
           residual, self.depth_list[i], 3, name=f'separable_conv{i + 1}', train=self.train,
           bn=self.bn, stride=stride, rate=self.rate * self.unit_rate_list[i], padding='EXPLICIT',
           depthwise_activation=act, pointwise_activation=act, impl=self.depthwise_impl,
-          dtype=self.dtype)
+          dtype=self.dtype, defer_output=i < 2)
       if i == 1:
-        tap = residual
+        tap = layers.as_array(residual)
     if self.skip_connection_type == 'conv':
       shortcut = layers.conv_bn(inputs, self.depth_list[-1], 1, name='shortcut', train=self.train,
                                 bn=self.bn, stride=self.stride, activation=None, dtype=self.dtype)
