@@ -297,6 +297,9 @@ def shifted_depthwise_grads(x: Array, kernel: Array, dy: Array, *, stride: int, 
   """
   k_h, k_w = kernel.shape[:2]
   out_h, out_w = dy.shape[1:3]
+  # dy (a BatchNorm backward expression here) computed once: otherwise XLA:CPU recomputes it inside the
+  # fused dx loop for each of the k*k taps. Xception-65 train step 5.92 -> 5.80 s (6 alternated pairs).
+  dy = lax.optimization_barrier(dy)
   x_padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   dx_padded = None
   for i in range(k_h):

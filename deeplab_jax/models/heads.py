@@ -70,11 +70,13 @@ class Decoder(nn.Module):
     x = jnp.concatenate([layers.resize_bilinear(features, size),
                          layers.resize_bilinear(projection, size)], axis=-1)
     for i in range(2):
+      # The first conv's BatchNorm is computed by the second conv on CPU (`layers.Normalized`).
       if self.separable:
         x = layers.separable_conv_bn(x, self.filters, 3, name=f'decoder_conv{i}',
-                                     impl=self.depthwise_impl, **kw)
+                                     impl=self.depthwise_impl, defer_output=i == 0, **kw)
       else:  # official slim.repeat scopes: decoder_conv0/decoder_conv0_{1,2}
-        x = layers.conv_bn(x, self.filters, 3, name=f'decoder_conv0/decoder_conv0_{i + 1}', **kw)
+        x = layers.conv_bn(x, self.filters, 3, name=f'decoder_conv0/decoder_conv0_{i + 1}',
+                           defer_output=i == 0, **kw)
     return x
 
 
