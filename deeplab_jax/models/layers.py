@@ -244,15 +244,17 @@ def recompute_batch_norm() -> bool:
 class Normalized:
   """A training BatchNorm's output, not yet computed: `activation((z - mean) * mul + bias)` in `dtype`.
 
+  (Or `activation(z)` alone, with `mean`, `mul` and `bias` None: `activate(..., defer=True)`.)
+
   `batch_norm(..., defer=True)` returns one on CPU (see `recompute_batch_norm`); the next convolution
   computes it inside `jax.checkpoint` (`feed`), so the backward pass recomputes the convolution's input from
   `z`, which the BatchNorm's own backward pass keeps anyway, instead of keeping a second full-size array.
   `value()` computes it as a plain array (what `nn.BatchNorm` and the activation return, the same formula).
   """
   z: Array
-  mean: Array
-  mul: Array
-  bias: Array
+  mean: Optional[Array]
+  mul: Optional[Array]
+  bias: Optional[Array]
   activation: Optional[Callable] = None
   dtype: Any = jnp.float32
 
@@ -265,12 +267,18 @@ class Normalized:
       raise ValueError(f'This BatchNorm output already has the activation {self.activation}.')
     return dataclasses.replace(self, activation=activation)
 
-  def _compute(self, z: Array, mean: Array, mul: Array, bias: Array) -> Array:
-    y = jnp.asarray((z - mean) * mul + bias, self.dtype)
+  def _compute(self, z: Array, *normalization: Array) -> Array:
+    y = z
+    if normalization:
+      mean, mul, bias = normalization
+      y = jnp.asarray((z - mean) * mul + bias, self.dtype)
     return self.activation(y) if self.activation is not None else y
 
+  def _normalization(self) -> Tuple[Array, ...]:
+    return () if self.mean is None else (self.mean, self.mul, self.bias)
+
   def value(self) -> Array:
-    return self._compute(self.z, self.mean, self.mul, self.bias)
+    return self._compute(self.z, *self._normalization())
 
   def feed(self, fn: Callable, *args) -> Array:
     """`fn(self.value(), *args)`, with the value recomputed for the backward pass instead of kept.
@@ -278,8 +286,13 @@ class Normalized:
     XLA:CPU merges the recomputation back into the forward pass unless the step is compiled with
     `train.cpu_compiler_options` (the trainer's step is).
     """
-    return jax.checkpoint(lambda z, mean, mul, bias, *rest: fn(self._compute(z, mean, mul, bias), *rest))(
-        self.z, self.mean, self.mul, self.bias, *args)
+    normalization = self._normalization()
+    count = len(normalization)
+
+    def compute_and_feed(z, *rest):
+      return fn(self._compute(z, *rest[:count]), *rest[count:])
+
+    return jax.checkpoint(compute_and_feed)(self.z, *normalization, *args)
 
 
 def as_array(x) -> Array:
@@ -287,11 +300,20 @@ def as_array(x) -> Array:
   return x.value() if isinstance(x, Normalized) else x
 
 
-def activate(x, activation: Optional[Callable]):
-  """`activation(x)` of an array, or of a `Normalized` (then computed with it, where it is computed)."""
+def activate(x, activation: Optional[Callable], *, defer: bool = False, train: bool = False):
+  """`activation(x)` of an array, or of a `Normalized` (then computed with it, where it is computed).
+
+  With `defer=True` (for a caller whose next step is a convolution) an array's activation in training on
+  CPU is a `Normalized` too, so the convolution's backward pass recomputes it instead of keeping it beside
+  `x` (which the activation's own backward pass keeps).
+  """
   if activation is None:
     return x
-  return x.with_activation(activation) if isinstance(x, Normalized) else activation(x)
+  if isinstance(x, Normalized):
+    return x.with_activation(activation)
+  if defer and train and recompute_batch_norm():
+    return Normalized(x, None, None, None, activation, x.dtype)
+  return activation(x)
 
 
 class BatchNormStatistics(nn.Module):

@@ -83,7 +83,7 @@ class XceptionModule(nn.Module):
     act = nn.relu if self.activation_fn_in_separable_conv else None
     for i in range(3):
       if not self.activation_fn_in_separable_conv:
-        residual = layers.activate(residual, nn.relu)
+        residual = layers.activate(residual, nn.relu, defer=True, train=self.train)
       stride = self.stride if i == 2 else 1
       residual = layers.separable_conv_bn(
           residual, self.depth_list[i], 3, name=f'separable_conv{i + 1}', train=self.train,
