@@ -115,12 +115,22 @@ def _kernel_manager(directory: pathlib.Path) -> KernelManager:
 
 
 def _text_outputs(nb: nbformat.NotebookNode) -> str:
+  """The cells' text outputs. Consecutive stream outputs are joined as written: the kernel may split one
+  `print` into several (`print('step', 8)` writes 'step', ' ', '8', '\\n' separately, and a flush can fall
+  between them)."""
   texts = []
   for cell in nb.cells:
+    previous = None
     for output in cell.get('outputs', []):
       if output.output_type == 'stream':
-        texts.append(output.text)
-      elif output.output_type in ('execute_result', 'display_data'):
+        if previous == output.name:
+          texts[-1] += output.text
+        else:
+          texts.append(output.text)
+        previous = output.name
+        continue
+      previous = None
+      if output.output_type in ('execute_result', 'display_data'):
         texts.append(output.get('data', {}).get('text/plain', ''))
   return '\n'.join(texts)
 
