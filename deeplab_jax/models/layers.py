@@ -231,13 +231,13 @@ def recompute_batch_norm() -> bool:
   (`nn.remat(nn.BatchNorm)`), so its backward pass recomputes the centred input in the fusions that read
   `x` anyway; and where a convolution comes next (`batch_norm(defer=True)`: inside separable convs,
   between an Xception unit's separable convs, in ResNet bottlenecks and MobileNetV2's expanded convs,
-  between the decoder's convs; also the relu before an Xception unit, `activate(defer=True)`) the
-  convolution computes the BatchNorm and activation itself, recomputing them for its backward pass
-  (`Normalized.feed`; this needs `train.cpu_compiler_options`). Measured on a 2-core CPU, train step batch 2
-  at 513x513, XLA temporaries: Xception-65 V3+ 5.20 -> 3.66 GB (7.64 -> 7.24 s) with the first, 3.65 ->
-  2.28 GB (about 10% faster) with the second; ResNet-101 V3 OS8 7.71 -> 5.69 GB (25.0 -> 23.4 s), then
-  5.74 -> 4.84 GB; MobileNetV2 V3 0.85 -> 0.55 GB with the second. Accelerators keep plain BatchNorm (not
-  measured there).
+  between the decoder's convs; also the
+  relu before an Xception unit, `activate(defer=True)`) the convolution computes the BatchNorm and
+  activation itself, recomputing them for its backward pass (`Normalized.feed`; this needs
+  `train.cpu_compiler_options`). Measured on a 2-core CPU, Xception-65 V3+ train step batch 2 at 513x513:
+  7.64 -> 7.24 s and XLA temporaries 5.20 -> 3.66 GB with the first, 3.65 -> 2.28 GB and about 10% faster
+  with the second; ResNet-101 V3 OS8: 25.0 -> 23.4 s, 7.71 -> 5.69 GB, then 5.74 -> 4.84 GB. Accelerators
+  keep plain BatchNorm (not measured there).
   """
   return jax.default_backend() == 'cpu'
 
