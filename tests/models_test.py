@@ -328,45 +328,30 @@ def test_training_batch_norm_on_cpu_recomputes_its_centred_input(monkeypatch):
   chex.assert_trees_all_close(grads, plain_grads, rtol=1e-5, atol=1e-7)
 
 
-class _XceptionUnits(nn.Module):
-  """Xception units: strided conv shortcut, atrous sum unit, activations inside the separable convs, the
-  decoder tap."""
+def test_training_batch_norm_outputs_are_computed_by_the_next_conv_on_cpu(monkeypatch):
+  """On CPU, a BatchNorm followed by a convolution is computed by that convolution (`layers.Normalized`).
 
-  @nn.compact
-  def __call__(self, x):
-    bn = layers.BNConfig(0.9, 1e-3)
-    x, tap = xception.XceptionModule((16, 16, 24), 'conv', False, 2, 1, (1, 1, 1), True, bn, name='u1')(x)
-    x, _ = xception.XceptionModule((24, 24, 24), 'sum', False, 1, 2, (1, 2, 1), True, bn, name='u2')(x)
-    x, _ = xception.XceptionModule((24, 24, 32), 'none', True, 1, 1, (1, 1, 1), True, bn, name='u3')(x)
-    return x, tap
+  Xception units (strided conv shortcut, atrous sum unit, activations inside the separable convs, the
+  decoder tap) give the same variables, loss, statistics and gradients as plain `nn.BatchNorm`, with fewer
+  XLA temporaries under the train step's compiler options.
+  """
+  bn = layers.BNConfig(0.9, 1e-3)
 
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x, tap = xception.XceptionModule((16, 16, 24), 'conv', False, 2, 1, (1, 1, 1), True, bn, name='u1')(x)
+      x, _ = xception.XceptionModule((24, 24, 24), 'sum', False, 1, 2, (1, 2, 1), True, bn, name='u2')(x)
+      x, _ = xception.XceptionModule((24, 24, 32), 'none', True, 1, 1, (1, 1, 1), True, bn, name='u3')(x)
+      return x, tap
 
-class _MobileNetV2Blocks(nn.Module):
-  """Expanded convs without and with expansion, strided, atrous with a residual; the depthwise end point."""
-
-  @nn.compact
-  def __call__(self, x):
-    bn = layers.BNConfig(0.9, 1e-3)
-    x, _ = mobilenet_v2.ExpandedConv(1, 16, 1, 1, True, bn, name='b0')(x)
-    x, _ = mobilenet_v2.ExpandedConv(6, 24, 2, 1, True, bn, name='b1')(x)
-    return mobilenet_v2.ExpandedConv(6, 24, 1, 2, True, bn, name='b2')(x)
-
-
-# Temporaries measured: Xception units 1.64 MB vs 4.24 MB plain (2.70 MB recomputing the centred inputs
-# only, without `defer`; 4.08 MB without the compiler options); MobileNetV2 blocks 4.10 MB vs 6.91 MB
-# (5.12 MB without `defer`). The bounds fail without `defer`.
-@pytest.mark.parametrize('net, channels, max_ratio', [(_XceptionUnits(), 8, 0.5),
-                                                      (_MobileNetV2Blocks(), 16, 0.65)])
-def test_training_batch_norm_outputs_are_computed_by_the_next_conv_on_cpu(monkeypatch, net, channels,
-                                                                          max_ratio):
-  """On CPU, a BatchNorm followed by a convolution is computed by that convolution (`layers.Normalized`):
-  the same variables, loss, statistics and gradients as plain `nn.BatchNorm`, with fewer XLA temporaries
-  under the train step's compiler options."""
-  x = jax.random.normal(jax.random.key(0), (2, 33, 33, channels)) * 3.0 + 1.0
+  x = jax.random.normal(jax.random.key(0), (2, 33, 33, 8)) * 3.0 + 1.0
   deferred_bytes, plain_bytes, grads, plain_grads = _cpu_training_against_plain_batch_norm(
-      monkeypatch, net, x, lambda out: jnp.mean(jnp.sin(out[0])) + jnp.mean(out[1] ** 2),
+      monkeypatch, Net(), x, lambda out: jnp.mean(jnp.sin(out[0])) + jnp.mean(out[1] ** 2),
       train.cpu_compiler_options(train.create_mesh(jax.devices()[:1])))
-  assert deferred_bytes < max_ratio * plain_bytes, (deferred_bytes, plain_bytes)
+  # 1.64 MB vs 4.24 MB; recomputing the centred inputs only (no `defer`) gives 2.70 MB, without the
+  # compiler options 4.08 MB.
+  assert deferred_bytes < 0.5 * plain_bytes, (deferred_bytes, plain_bytes)
   # The same formulas summed in another order differ in the last bits: compared relative to the largest
   # gradient (some are zero up to rounding, e.g. a BatchNorm bias that only feeds another BatchNorm).
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(plain_grads))

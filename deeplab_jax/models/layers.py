@@ -230,8 +230,7 @@ def recompute_batch_norm() -> bool:
   as full-size arrays beside the BatchNorm's input. On CPU, a BatchNorm runs under `jax.checkpoint`
   (`nn.remat(nn.BatchNorm)`), so its backward pass recomputes the centred input in the fusions that read
   `x` anyway; and where a convolution comes next (`batch_norm(defer=True)`: inside separable convs,
-  between an Xception unit's separable convs, in ResNet bottlenecks and MobileNetV2's expanded convs,
-  between the decoder's convs; also the
+  between an Xception unit's separable convs, in ResNet bottlenecks, between the decoder's convs; also the
   relu before an Xception unit, `activate(defer=True)`) the convolution computes the BatchNorm and
   activation itself, recomputing them for its backward pass (`Normalized.feed`; this needs
   `train.cpu_compiler_options`). Measured on a 2-core CPU, Xception-65 V3+ train step batch 2 at 513x513:

@@ -72,16 +72,14 @@ class ExpandedConv(nn.Module):
     # The first block uses `expand_input_by_factor(1, divisible_by=1)`, the rest multiples of 8.
     inner = in_depth if self.expansion == 1 else make_divisible(in_depth * self.expansion, 8)
     net = x
-    # The expand and depthwise BatchNorms are computed by the next conv on CPU (`layers.Normalized`).
     if inner > in_depth:
-      net = layers.conv_bn(net, inner, 1, name='expand', activation=layers.relu6, defer_output=True, **kw)
+      net = layers.conv_bn(net, inner, 1, name='expand', activation=layers.relu6, **kw)
     net = layers.depthwise_conv(net, 3, name='depthwise', stride=self.stride, rate=self.rate,
                                 padding='SAME', impl=self.depthwise_impl, dtype=self.dtype)
     net = layers.batch_norm(net, name='depthwise/BatchNorm', train=self.train, decay=self.bn.decay,
-                            epsilon=self.bn.epsilon, dtype=self.dtype, defer=True)
-    net = layers.activate(net, layers.relu6)
-    depthwise_output = layers.as_array(net)  # the end point (computed only where a decoder reads it)
-    net = layers.conv_bn(net, self.num_outputs, 1, name='project', activation=None, **kw)
+                            epsilon=self.bn.epsilon, dtype=self.dtype)
+    depthwise_output = layers.relu6(net)
+    net = layers.conv_bn(depthwise_output, self.num_outputs, 1, name='project', activation=None, **kw)
     if self.stride == 1 and in_depth == self.num_outputs:
       net = net + x
     return net, depthwise_output
