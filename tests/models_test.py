@@ -373,6 +373,19 @@ def test_normalized_computes_what_batch_norm_and_the_activation_return():
     layers.activate(layers.activate(out, nn.relu), nn.relu)
 
 
+def test_convs_fed_a_normalized_input_compute_in_the_model_dtype():
+  """A bfloat16 unit in CPU training, given float32 input: its convolutions still compute in bfloat16 when
+  they compute the (deferred) activation themselves, as they do when given an array."""
+  unit = xception.XceptionModule((16, 16, 24), 'conv', False, 2, 1, (1, 1, 1), True,
+                                 layers.BNConfig(0.9, 1e-3), dtype=jnp.bfloat16)
+  x = jnp.ones((2, 17, 17, 8), jnp.float32)
+  variables = unit.init(jax.random.key(0), x)
+  _, state = unit.apply(variables, x, mutable=['batch_stats', 'intermediates'], capture_intermediates=True)
+  outputs = flax.traverse_util.flatten_dict(state['intermediates'], sep='/')
+  convs = {k: v[0].dtype for k, v in outputs.items() if k.endswith(('depthwise/__call__', 'pointwise/__call__'))}
+  assert len(convs) == 6 and set(convs.values()) == {jnp.dtype(jnp.bfloat16)}, convs
+
+
 def test_resize_bilinear_align_corners_exact_values():
   x = jnp.asarray([[0.0, 1.0], [2.0, 3.0]]).reshape(1, 2, 2, 1)
   y = layers.resize_bilinear(x, (3, 3))[0, :, :, 0]

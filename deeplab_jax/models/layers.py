@@ -6,7 +6,6 @@ sibling module `S/BatchNorm` (TF `S/BatchNorm/{gamma,beta,moving_mean,moving_var
 are plain functions that create Flax modules inside the caller's compact method, so they add no extra level.
 """
 import dataclasses
-import functools
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -136,6 +135,14 @@ def _conv_padding(kernel_size: int, stride: int, rate: int, padding: str):
   raise ValueError(f'Unknown padding {padding!r}; expected SAME or EXPLICIT.')
 
 
+def _convolve(conv: Callable, x, kernel: Array, dtype, **conv_args) -> Array:
+  """`conv(x, kernel, **conv_args)` in `dtype`; a `Normalized` `x` is computed by the conv (`feed`)."""
+  def compute(value, kernel):
+    return conv(value.astype(dtype), kernel.astype(dtype), **conv_args)
+
+  return x.feed(compute, kernel) if isinstance(x, Normalized) else compute(x, kernel)
+
+
 class ShiftedDepthwiseConv(nn.Module):
   """Depthwise conv as k*k shifted multiply-adds over a padded input: the fast formulation on XLA:CPU.
 
@@ -154,11 +161,8 @@ class ShiftedDepthwiseConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, 1, x.shape[-1]), jnp.float32)
-    conv = functools.partial(conv_ops.depthwise_conv2d_shifted, stride=self.strides, rate=self.rate,
-                             padding=self.padding)
-    if isinstance(x, Normalized):
-      return x.feed(conv, kernel.astype(self.dtype))
-    return conv(x.astype(self.dtype), kernel.astype(self.dtype))
+    return _convolve(conv_ops.depthwise_conv2d_shifted, x, kernel, self.dtype, stride=self.strides,
+                     rate=self.rate, padding=self.padding)
 
 
 class Conv(nn.Module):
@@ -179,11 +183,8 @@ class Conv(nn.Module):
   def __call__(self, x) -> Array:
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-    conv = functools.partial(conv_ops.conv2d, stride=self.strides, rate=self.rate, padding=self.padding)
-    if isinstance(x, Normalized):
-      y = x.feed(conv, kernel.astype(self.dtype))
-    else:
-      y = conv(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = _convolve(conv_ops.conv2d, x, kernel, self.dtype, stride=self.strides, rate=self.rate,
+                  padding=self.padding)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
     return y
@@ -287,13 +288,8 @@ class Normalized:
     XLA:CPU merges the recomputation back into the forward pass unless the step is compiled with
     `train.cpu_compiler_options` (the trainer's step is).
     """
-    normalization = self._normalization()
-    count = len(normalization)
-
-    def compute_and_feed(z, *rest):
-      return fn(self._compute(z, *rest[:count]), *rest[count:])
-
-    return jax.checkpoint(compute_and_feed)(self.z, *normalization, *args)
+    return jax.checkpoint(lambda z, normalization, *rest: fn(self._compute(z, *normalization), *rest))(
+        self.z, self._normalization(), *args)
 
 
 def as_array(x) -> Array:
