@@ -12,6 +12,10 @@ medians of `--repeats` runs after `--warmup` runs (ours after compilation, which
 With `--rounds=N` every measurement runs N times, interleaved (all of round 1, then all of round 2, ...), so a
 slow spell of a shared machine falls on both sides of a ratio: the table shows the medians of the rounds'
 medians (peak memory: the highest round) and prints each round's ratios below it.
+The JAX children run with glibc's malloc as `python -m deeplab_jax.main` runs on a CPU-only machine: with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` where the kernel's transparent huge pages are `madvise`
+(deeplab_jax/hugepages.py); the PyTorch children with this process's environment. A value set when starting
+this script is kept on both sides: `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (or `=1`) times both without (with).
 
 Rows (`--only` takes these names):
   xception_infer   Xception-65 V3+ OS16, batch 1: ours at 513 (configs/voc_xception.py) vs smp
@@ -58,6 +62,7 @@ import timing  # benchmarks/timing.py (this folder is sys.path[0] when run as a 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ (parent and children); the children import the library lazily
+from deeplab_jax import hugepages  # pylint: disable=wrong-import-position  (no JAX: the host malloc setting)
 VOC_SUBSET = REPO.parent / 'shared' / 'data' / 'voc2012_train_subset'
 CACHE = pathlib.Path('~/.cache/deeplab_jax').expanduser()
 TORCH_CPU_INDEX = 'https://download.pytorch.org/whl/cpu'
@@ -297,13 +302,17 @@ def _parse_result(completed: subprocess.CompletedProcess) -> dict:
 
 
 def _ours_env() -> dict:
-  """The environment of a JAX child: one CPU device, whatever the caller (e.g. the test suite) set."""
+  """The environment of a JAX child: one CPU device, whatever the caller (e.g. the test suite) set.
+
+  Host malloc as `python -m deeplab_jax.main` runs on a CPU-only machine: `glibc.malloc.hugetlb=1` where
+  `hugepages.should_reexec` says main restarts with it (a value in this process's GLIBC_TUNABLES is kept).
+  """
   env = dict(os.environ)
   env.pop('JAX_NUM_CPU_DEVICES', None)
   flags = env.get('XLA_FLAGS', '').split()
   env['XLA_FLAGS'] = ' '.join(f for f in flags if 'xla_force_host_platform_device_count' not in f)
   env['JAX_PLATFORMS'] = 'cpu'
-  return env
+  return hugepages.with_hugepages(env) if hugepages.should_reexec(env) else env
 
 
 def _torch_env(threads: int) -> dict:
@@ -490,6 +499,9 @@ def print_table(meta: dict, rows: list, results: dict) -> list:
   print('Versions: ' + ', '.join(f'{k} {v[k]}' for k in names if k in v) + f'; python {m["python"]}')
   if 'torch_source' in v:
     print(f'torch from: {v["torch_source"]}; torchvision ops: {v.get("torchvision_ops")}')
+  if 'host_malloc' in meta:
+    print(f'Host malloc: ours {meta["host_malloc"]["ours"]}, as `python -m deeplab_jax.main` runs; '
+          f'theirs {meta["host_malloc"]["theirs"]}')
   rounds = meta.get('rounds', 1)
   per_round = '' if rounds == 1 else f', then the median over {rounds} interleaved rounds'
   print(f'Medians of {meta["repeats"]} runs after {meta["warmup"]} warm-up (ours after compilation)'
@@ -555,7 +567,8 @@ def main():
     versions.update(peer)
   meta = {'machine': machine(), 'versions': versions, 'threads': args.threads, 'cpus': cpus,
           'repeats': args.repeats, 'warmup': args.warmup, 'rounds': args.rounds,
-          'command': shlex.join(sys.argv)}
+          'command': shlex.join(sys.argv), 'host_malloc': {'ours': hugepages.describe(_ours_env()),
+                                                           'theirs': hugepages.describe(_torch_env(args.threads))}}
   rounds = []
   for index in range(args.rounds):
     if args.rounds > 1:

@@ -8,6 +8,10 @@ import logging as python_logging
 import os
 import sys
 
+from deeplab_jax import hugepages  # no JAX: the process restarts (CPU-only installs) before JAX loads
+if __name__ == '__main__':  # glibc reads GLIBC_TUNABLES only when a process starts
+  hugepages.reexec_with_hugepages()
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -20,8 +24,6 @@ from deeplab_jax import evaluate
 from deeplab_jax import run_lock
 from deeplab_jax import summary_writer
 from deeplab_jax import train
-
-
 
 # Errors whose message names the file or field and the fix.
 _USER_ERRORS = (checkpoint.CheckpointError, run_lock.WorkdirLockedError, datasets.ManualDownloadError,
@@ -55,9 +57,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   if FLAGS.distributed or (FLAGS.num_processes or 1) > 1 or os.environ.get('JAX_COORDINATOR_ADDRESS'):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info('JAX %s, process %d of %d; %d local / %d global devices: %s', jax.__version__,
+  logging.info('JAX %s, process %d of %d; %d local / %d global devices: %s; %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.local_devices())
+               jax.local_devices(), hugepages.describe())
   logging.info('Config:\n%s', FLAGS.config)
   try:
     if FLAGS.mode == 'eval':
