@@ -12,9 +12,10 @@ medians of `--repeats` runs after `--warmup` runs (ours after compilation, which
 With `--rounds=N` every measurement runs N times, interleaved (all of round 1, then all of round 2, ...), so a
 slow spell of a shared machine falls on both sides of a ratio: the table shows the medians of the rounds'
 medians (peak memory: the highest round) and prints each round's ratios below it.
-The JAX children run with glibc's malloc as `python -m deeplab_jax.main` runs on a CPU-only machine: with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` where the kernel's transparent huge pages are `madvise`
-(deeplab_jax/hugepages.py); the PyTorch children with this process's environment. A value set when starting
+The JAX train and pipeline children run with glibc's malloc as `python -m deeplab_jax.main` runs on a
+CPU-only machine: with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` where the kernel's transparent huge pages are
+`madvise` (deeplab_jax/hugepages.py); the inference children and the PyTorch children with this process's
+environment. A value set when starting
 this script is kept on both sides: `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (or `=1`) times both without (with).
 
 Rows (`--only` takes these names):
@@ -301,18 +302,19 @@ def _parse_result(completed: subprocess.CompletedProcess) -> dict:
   return {'error': f'exit status {completed.returncode}:\n{tail}'}
 
 
-def _ours_env() -> dict:
+def _ours_env(mode: str) -> dict:
   """The environment of a JAX child: one CPU device, whatever the caller (e.g. the test suite) set.
 
-  Host malloc as `python -m deeplab_jax.main` runs on a CPU-only machine: `glibc.malloc.hugetlb=1` where
-  `hugepages.should_reexec` says main restarts with it (a value in this process's GLIBC_TUNABLES is kept).
+  Training and the input pipeline get host malloc as `python -m deeplab_jax.main` runs on a CPU-only machine:
+  `glibc.malloc.hugetlb=1` where `hugepages.should_reexec` says main restarts with it (a value in this
+  process's GLIBC_TUNABLES is kept); inference runs as a user's process or `deeplab_jax.predict` does.
   """
   env = dict(os.environ)
   env.pop('JAX_NUM_CPU_DEVICES', None)
   flags = env.get('XLA_FLAGS', '').split()
   env['XLA_FLAGS'] = ' '.join(f for f in flags if 'xla_force_host_platform_device_count' not in f)
   env['JAX_PLATFORMS'] = 'cpu'
-  return hugepages.with_hugepages(env) if hugepages.should_reexec(env) else env
+  return hugepages.with_hugepages(env) if mode != 'infer' and hugepages.should_reexec(env) else env
 
 
 def _torch_env(threads: int) -> dict:
@@ -330,7 +332,7 @@ def measure(name: str, args, cpus: list, peers_python) -> dict:
     command = [sys.executable, str(pathlib.Path(__file__).resolve()), '--child', json.dumps(spec),
                '--pipeline_batches', str(args.pipeline_batches), '--voc_dir', str(args.voc_dir),
                '--data_dir', str(args.data_dir), *common]
-    env = _ours_env()
+    env = _ours_env(spec['mode'])
   else:
     command = [str(peers_python), str(REPO / 'benchmarks' / 'peers_torch.py'), '--model', spec['model'],
                '--mode', spec['mode'], '--size', str(spec['size']), '--batch', str(spec['batch']),
@@ -500,8 +502,9 @@ def print_table(meta: dict, rows: list, results: dict) -> list:
   if 'torch_source' in v:
     print(f'torch from: {v["torch_source"]}; torchvision ops: {v.get("torchvision_ops")}')
   if 'host_malloc' in meta:
-    print(f'Host malloc: ours {meta["host_malloc"]["ours"]}, as `python -m deeplab_jax.main` runs; '
-          f'theirs {meta["host_malloc"]["theirs"]}')
+    ours, theirs = (meta['host_malloc'][side].removeprefix('host malloc: ') for side in ('ours', 'theirs'))
+    print(f'Host malloc: ours train/pipeline {ours} (as `python -m deeplab_jax.main` runs); '
+          f'ours infer and theirs {theirs}')
   rounds = meta.get('rounds', 1)
   per_round = '' if rounds == 1 else f', then the median over {rounds} interleaved rounds'
   print(f'Medians of {meta["repeats"]} runs after {meta["warmup"]} warm-up (ours after compilation)'
@@ -567,8 +570,9 @@ def main():
     versions.update(peer)
   meta = {'machine': machine(), 'versions': versions, 'threads': args.threads, 'cpus': cpus,
           'repeats': args.repeats, 'warmup': args.warmup, 'rounds': args.rounds,
-          'command': shlex.join(sys.argv), 'host_malloc': {'ours': hugepages.describe(_ours_env()),
-                                                           'theirs': hugepages.describe(_torch_env(args.threads))}}
+          'command': shlex.join(sys.argv),
+          'host_malloc': {'ours': hugepages.describe(_ours_env('train')),  # ours infer: as theirs
+                          'theirs': hugepages.describe(_torch_env(args.threads))}}
   rounds = []
   for index in range(args.rounds):
     if args.rounds > 1:

@@ -1,4 +1,4 @@
-"""Transparent huge pages for the host memory XLA:CPU allocates: CPU training and prediction start with them.
+"""Transparent huge pages for the host memory XLA:CPU allocates: CPU training starts with them.
 
 XLA:CPU allocates a step's temporary buffers with glibc's malloc when the step starts and frees them when it
 ends. Buffers above glibc's mmap threshold (at most 32 MiB) come straight from the kernel each time, in 4 KiB
@@ -7,12 +7,14 @@ about 640,000 page faults, 1.3-1.5 s of system time on a 2-core CPU (~12% of the
 
 On Linux machines whose transparent huge pages are `madvise` (the common default), glibc 2.35+ backs its
 mmapped allocations with 2 MiB pages when started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: the same step
-then takes ~2,400 faults and ~0.3 s of system time and ran 6-25% faster in interleaved runs (MobileNetV2's
+then takes ~2,400 faults and ~0.3 s of system time and ran 10-16% faster in interleaved runs (MobileNetV2's
 step 21-27%; ResNet-101's 20 s step, whose allocations weigh less, within noise: BENCHMARKS.md). glibc reads
-its tunables only when a process starts, so `python -m deeplab_jax.main` and `python -m deeplab_jax.predict`
-re-execute themselves once with the tunable set (`reexec_with_hugepages`) before JAX loads, and only where
-JAX can run on nothing but the CPU (no accelerator plugin installed, or `JAX_PLATFORMS=cpu`): accelerator
-hosts are left as they are.
+its tunables only when a process starts, so `python -m deeplab_jax.main` re-executes itself once with the
+tunable set (`reexec_with_hugepages`) before JAX loads, and only where JAX can run on nothing but the CPU
+(no accelerator plugin installed, or `JAX_PLATFORMS=cpu`): accelerator hosts are left as they are.
+Prediction does not: ResNet-101 OS8 inference ran slower with it in 4 of 7 interleaved pairs (by ~10% at
+the median; cause not pinned down), so `deeplab_jax.predict` and the inference rows of benchmarks/peers.py
+run without it.
 
 Opt out with `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`: a setting of this tunable already in the environment is
 always kept. Your own scripts get the same by starting Python with the variable set:

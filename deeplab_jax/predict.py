@@ -31,10 +31,6 @@ import os
 import sys
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-from deeplab_jax import hugepages  # no JAX: the process restarts (CPU-only installs) before JAX loads
-if __name__ == '__main__':  # glibc reads GLIBC_TUNABLES only when a process starts
-  hugepages.reexec_with_hugepages()
-
 from absl import app
 from absl import flags
 from absl import logging
