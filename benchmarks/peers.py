@@ -15,8 +15,8 @@ medians (peak memory: the highest round) and prints each round's ratios below it
 The JAX train and pipeline children run with glibc's malloc as `python -m deeplab_jax.main` runs on a
 CPU-only machine: with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` where the kernel's transparent huge pages are
 `madvise` (deeplab_jax/hugepages.py); the inference children and the PyTorch children with this process's
-environment. A value set when starting
-this script is kept on both sides: `GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (or `=1`) times both without (with).
+environment. A value set when starting this script is kept for every child:
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` (or `=1`) times all of them without (with) huge pages.
 
 Rows (`--only` takes these names):
   xception_infer   Xception-65 V3+ OS16, batch 1: ours at 513 (configs/voc_xception.py) vs smp
