@@ -65,9 +65,15 @@ def jax_is_cpu_only(environ: Mapping[str, str]) -> bool:
   return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_MODULES)
 
 
+def _setting(environ: Mapping[str, str]) -> str | None:
+  """The `glibc.malloc.hugetlb=...` item of `GLIBC_TUNABLES`, None when it has none."""
+  return next((item for item in environ.get('GLIBC_TUNABLES', '').split(':')
+               if item.split('=', 1)[0] == TUNABLE), None)
+
+
 def tunable_set(environ: Mapping[str, str]) -> bool:
   """True when `GLIBC_TUNABLES` already sets `glibc.malloc.hugetlb` (to any value: the user's choice)."""
-  return any(item.split('=', 1)[0] == TUNABLE for item in environ.get('GLIBC_TUNABLES', '').split(':'))
+  return _setting(environ) is not None
 
 
 def with_hugepages(environ: Mapping[str, str]) -> dict[str, str]:
@@ -104,6 +110,5 @@ def reexec_with_hugepages() -> None:
 
 def describe(environ: Mapping[str, str] = os.environ) -> str:
   """One line for the run's log: the tunable's setting and the kernel's THP mode."""
-  setting = next((item for item in environ.get('GLIBC_TUNABLES', '').split(':')
-                  if item.split('=', 1)[0] == TUNABLE), f'{TUNABLE} unset')
+  setting = _setting(environ) or f'{TUNABLE} unset'
   return f'host malloc: {setting} (transparent huge pages: {thp_mode() or "not available"})'
