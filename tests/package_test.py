@@ -50,6 +50,7 @@ def test_configs_load_with_a_non_editable_install(tmp_path):
   subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--no-build-isolation',
                   '--target', str(site), REPO], check=True, capture_output=True, timeout=600)
   assert (site / 'deeplab_jax' / 'config_files.py').exists() and not (site / 'configs').exists()
+  assert (site / 'deeplab_jax' / 'models' / 'cpu_kernels.cc').exists()  # built on first use
   # Another folder, only the installed package on the path (PYTHONSAFEPATH keeps the cwd off it).
   result = _python(f'''
       import deeplab_jax
