@@ -178,7 +178,9 @@ def _child_ours_train(spec: dict, warmup: int, repeats: int) -> dict:
     if not np.isfinite(float(step_metrics['total_loss'])):
       raise FloatingPointError(f'{spec["config"]} train loss is {float(step_metrics["total_loss"])}.')
 
-  return {**timing.time_runs(run, warmup, repeats), 'compile_s': compile_s, 'steps_done': int(holder['state'].step)}
+  from deeplab_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
+  return {**timing.time_runs(run, warmup, repeats), 'compile_s': compile_s, 'steps_done': int(holder['state'].step),
+          'cpu_kernels': cpu_kernels.available()}
 
 
 def _child_ours_pipeline(spec: dict, num_batches: int, voc_dir: str, data_dir: str) -> dict:
@@ -505,6 +507,9 @@ def print_table(meta: dict, rows: list, results: dict) -> list:
     ours, theirs = (meta['host_malloc'][side].removeprefix('host malloc: ') for side in ('ours', 'theirs'))
     print(f'Host malloc: ours train/pipeline {ours} (as `python -m deeplab_jax.main` runs); '
           f'ours infer and theirs {theirs}')
+  kernels = sorted({str(r['cpu_kernels']) for r in results.values() if 'cpu_kernels' in r})
+  if kernels:
+    print(f'Native CPU kernels in ours train steps (deeplab_jax/models/cpu_kernels.py): {", ".join(kernels)}')
   rounds = meta.get('rounds', 1)
   per_round = '' if rounds == 1 else f', then the median over {rounds} interleaved rounds'
   print(f'Medians of {meta["repeats"]} runs after {meta["warmup"]} warm-up (ours after compilation)'
