@@ -18,7 +18,8 @@ The values are the same convolution and the same gradients as autodiff's (tested
 
 The depthwise convolution as k*k shifted multiply-adds (the fast CPU forward; XLA:CPU grouped convs are
 12-45x slower) gets its own backward too: autodiff would keep every shifted slice of the input alive for the
-backward pass; this one keeps the input only and recomputes the slices.
+backward pass; this one keeps the input only and recomputes the slices. Its filter gradient is one pass of a
+native kernel on CPU where one could be built (`cpu_kernels`), else k*k XLA reductions.
 """
 import functools
 from typing import Sequence, Tuple

@@ -17,7 +17,6 @@ devices each device runs the kernel on its own examples and the sums are added.
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import pathlib
 import platform
@@ -26,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from jax import lax
