@@ -117,8 +117,7 @@ def test_over_a_batch_sharded_on_devices_each_device_sums_its_own_examples():
 
 
 _CHILD = textwrap.dedent('''
-    import logging, os, sys
-    logging.basicConfig(level=logging.INFO, format='LOG %(levelname)s %(message)s')
+    import os
     import jax, jax.numpy as jnp, numpy as np
     from deeplab_jax.models import conv_ops, cpu_kernels
     print('AVAILABLE', cpu_kernels.available())
