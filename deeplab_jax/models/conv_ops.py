@@ -259,17 +259,34 @@ def conv2d(x: Array, kernel: Array, *, stride: int = 1, rate: int = 1, padding='
 # Depthwise convolution as shifted multiply-adds.
 
 
+def _depthwise_over_padded(x_padded: Array, kernel: Array, rate: int, stride: int, out_h: int,
+                           out_w: int) -> Array:
+  """`[B, out_h, out_w, C]`: the sum over taps of each tap's strided slice of `x_padded` times its weights."""
+  out = None
+  for i in range(kernel.shape[0]):
+    for j in range(kernel.shape[1]):
+      term = _tap_slice(x_padded, i, j, rate, stride, out_h, out_w) * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out
+
+
+def _depthwise_over_padded_transpose(dy: Array, kernel: Array, rate: int, stride: int,
+                                     padded_shape: Sequence[int]) -> Array:
+  """Transpose of `_depthwise_over_padded` in `x_padded`: each tap's `dy * w` put back where the tap read."""
+  dx_padded = None
+  for i in range(kernel.shape[0]):
+    for j in range(kernel.shape[1]):
+      term = _untap(dy * kernel[i, j, 0], i, j, rate, stride, padded_shape)
+      dx_padded = term if dx_padded is None else dx_padded + term
+  return dx_padded
+
+
 def _shifted_forward(x, kernel, stride, rate, pads):
   k_h, k_w = kernel.shape[:2]
   out_h = _output_size(x.shape[1], pads[0], k_h + (k_h - 1) * (rate - 1), stride)
   out_w = _output_size(x.shape[2], pads[1], k_w + (k_w - 1) * (rate - 1), stride)
   x_padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  out = None
-  for i in range(k_h):
-    for j in range(k_w):
-      term = _tap_slice(x_padded, i, j, rate, stride, out_h, out_w) * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
+  return _depthwise_over_padded(x_padded, kernel, rate, stride, out_h, out_w)
 
 
 # The padded-frame form of the depthwise filter gradient reduces over the whole padded input: used up to this
@@ -297,11 +314,7 @@ def shifted_depthwise_grads(x: Array, kernel: Array, dy: Array, *, stride: int, 
   # fused dx loop for each of the k*k taps. Xception-65 train step 5.92 -> 5.80 s (6 alternated pairs).
   dy = lax.optimization_barrier(dy)
   x_padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  dx_padded = None
-  for i in range(k_h):
-    for j in range(k_w):
-      term = _untap(dy * kernel[i, j, 0], i, j, rate, stride, x_padded.shape)
-      dx_padded = term if dx_padded is None else dx_padded + term
+  dx_padded = _depthwise_over_padded_transpose(dy, kernel, rate, stride, x_padded.shape)
   # One array, computed once: where dx has several consumers (the decoder's depthwise conv reads a concat,
   # whose gradient is two slices of dx), XLA:CPU otherwise fuses the sum into each consumer and writes the
   # k*k terms out as full-size arrays first (9 x 42 MB at the Xception-65 train step's peak).
@@ -309,12 +322,34 @@ def shifted_depthwise_grads(x: Array, kernel: Array, dy: Array, *, stride: int, 
   xla_form = functools.partial(xla_depthwise_filter_grad, kernel_size=(k_h, k_w), stride=stride, rate=rate,
                                pads=pads)
   if x.dtype == dy.dtype == jnp.float32 and cpu_kernels.available():
-    native = functools.partial(cpu_kernels.depthwise_filter_grad, kernel_size=(k_h, k_w), stride=stride,
+    native = functools.partial(_native_depthwise_filter_grad, kernel_size=(k_h, k_w), stride=stride,
                                rate=rate)
     dkernel = lax.platform_dependent(x_padded, dy, cpu=native, default=xla_form)
   else:
     dkernel = xla_form(x_padded, dy)
   return dx, dkernel.reshape(kernel.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _native_depthwise_filter_grad(x_padded, dy, kernel_size, stride, rate):
+  """`cpu_kernels.depthwise_filter_grad`, made differentiable: a gradient through it can be differentiated."""
+  return cpu_kernels.depthwise_filter_grad(x_padded, dy, kernel_size, stride, rate)
+
+
+def _native_depthwise_filter_grad_fwd(x_padded, dy, kernel_size, stride, rate):
+  return _native_depthwise_filter_grad(x_padded, dy, kernel_size, stride, rate), (x_padded, dy)
+
+
+def _native_depthwise_filter_grad_bwd(kernel_size, stride, rate, residuals, g):
+  # Bilinear in (x_padded, dy): each cotangent is the depthwise conv (or its transpose) of the other input
+  # with the filter gradient's cotangent `g` as the kernel.
+  x_padded, dy = residuals
+  g = g.reshape(*kernel_size, 1, g.shape[-1])
+  return (_depthwise_over_padded_transpose(dy, g, rate, stride, x_padded.shape),
+          _depthwise_over_padded(x_padded, g, rate, stride, *dy.shape[1:3]))
+
+
+_native_depthwise_filter_grad.defvjp(_native_depthwise_filter_grad_fwd, _native_depthwise_filter_grad_bwd)
 
 
 def xla_depthwise_filter_grad(x_padded: Array, dy: Array, *, kernel_size: Tuple[int, int], stride: int,

@@ -108,7 +108,7 @@ def depthwise_filter_grad(x_padded: jax.Array, dy: jax.Array, kernel_size, strid
                           rate: int) -> jax.Array:
   """`[kh * kw, C]` float32 filter gradient of a depthwise conv (see `cpu_kernels.cc`); needs `available()`.
 
-  Differentiable (reverse mode), so the gradient it is part of can be differentiated again.
+  Not differentiable itself: `conv_ops` gives it its backward pass.
 
   Args:
     x_padded: `[B, Hp, Wp, C]` float32, the conv's input with its padding.
@@ -117,7 +117,7 @@ def depthwise_filter_grad(x_padded: jax.Array, dy: jax.Array, kernel_size, strid
     stride: the conv's stride.
     rate: the conv's atrous rate.
   """
-  return _depthwise_filter_grad(x_padded, dy, tuple(kernel_size), stride, rate)
+  return _kernels['depthwise_filter_grad'](x_padded, dy, tuple(kernel_size), stride, rate)
 
 
 def _call_kernel(x_padded, dy, kernel_size, stride, rate):
@@ -154,34 +154,3 @@ def _partitioned_kernel():
   kernel.def_partition(infer_sharding_from_operands=_replicated_result, partition=_partition_over_batch,
                        sharding_rule='b h w c, b p q c -> t c')
   return kernel
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _depthwise_filter_grad(x_padded, dy, kernel_size, stride, rate):
-  return _kernels['depthwise_filter_grad'](x_padded, dy, kernel_size, stride, rate)
-
-
-def _depthwise_filter_grad_fwd(x_padded, dy, kernel_size, stride, rate):
-  return _depthwise_filter_grad(x_padded, dy, kernel_size, stride, rate), (x_padded, dy)
-
-
-def _taps(kernel_size, stride: int, rate: int, out_hw):
-  """(tap index, the `[.., out_h, out_w, ..]` strided window of the padded input that tap reads)."""
-  (kernel_h, kernel_w), (out_h, out_w) = kernel_size, out_hw
-  for i in range(kernel_h):
-    for j in range(kernel_w):
-      yield i * kernel_w + j, (slice(i * rate, i * rate + (out_h - 1) * stride + 1, stride),
-                               slice(j * rate, j * rate + (out_w - 1) * stride + 1, stride))
-
-
-def _depthwise_filter_grad_bwd(kernel_size, stride, rate, residuals, g):
-  """It is bilinear: each input's cotangent is the other input convolved with / placed by `g` per tap."""
-  x_padded, dy = residuals
-  dx_padded, ddy = jnp.zeros_like(x_padded), jnp.zeros_like(dy)
-  for tap, (rows, cols) in _taps(kernel_size, stride, rate, dy.shape[1:3]):
-    dx_padded = dx_padded.at[:, rows, cols].add(dy * g[tap])
-    ddy = ddy + x_padded[:, rows, cols] * g[tap]
-  return dx_padded, ddy
-
-
-_depthwise_filter_grad.defvjp(_depthwise_filter_grad_fwd, _depthwise_filter_grad_bwd)
